@@ -1,0 +1,3 @@
+from chtsync.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,412 @@
+"""Settings: config.yaml, overridden by environment variables (CHT Sync's names accepted as-is).
+
+Every problem becomes one ConfigError naming the key and how to fix it; nothing is touched
+before the whole configuration has been read and checked.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chtsync import paths
+
+log = logging.getLogger("chtsync.config")
+
+DEFAULT_CONFIG_NAMES = ("config.yaml",)
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class CouchSource:
+    """One CouchDB server (a CHT instance) and the databases to follow on it."""
+
+    instance: str
+    url: str  # base URL without credentials, e.g. https://cht.example.org:5984
+    dbs: tuple[str, ...]
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    verify_tls: bool = True
+    ca_file: str | None = None
+
+    def source_name(self, db: str) -> str:
+        """The `source` value stored in Postgres: `<instance>/<db>`, as CHT Sync writes it."""
+        return f"{self.instance}/{db}"
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    host: str | None = None
+    port: int | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    dbname: str | None = None
+    schema: str = "v1"
+    table: str = "couchdb"
+    extra: tuple[tuple[str, str], ...] = ()  # other libpq parameters from POSTGRES_URL
+
+    def conninfo_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {k: v for k, v in self.extra}
+        for key in ("host", "port", "user", "password", "dbname"):
+            value = getattr(self, key)
+            if value is not None:
+                kw[key] = value
+        kw.setdefault("application_name", "chtsync")
+        return kw
+
+    def describe(self) -> str:
+        """host:port/db without the password, for logs and errors."""
+        return f"{self.host or 'localhost'}:{self.port or 5432}/{self.dbname or self.user or ''}"
+
+
+@dataclass(frozen=True)
+class Config:
+    sources: tuple[CouchSource, ...]
+    postgres: PostgresConfig
+    batch_size: int = 1000
+    heartbeat_ms: int = 10000
+    models: Path = field(default_factory=paths.default_models)
+    refresh_interval: float = 5.0
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    log_level: str = "INFO"
+    log_format: str = "text"
+    lease_seconds: float = 10.0
+    verify_interval: float | None = None  # seconds between scheduled verifies; None = off
+    path: Path | None = None
+
+    @property
+    def schema(self) -> str:
+        return self.postgres.schema
+
+    @property
+    def table(self) -> str:
+        return self.postgres.table
+
+    def secrets(self) -> list[str]:
+        """Every password in the configuration, so that output can be checked against them."""
+        found = [s.password for s in self.sources if s.password]
+        if self.postgres.password:
+            found.append(self.postgres.password)
+        return found
+
+
+# The keys config.yaml may hold, by section; anything else is warned about with a did-you-mean.
+KNOWN_KEYS: dict[str, set[str]] = {
+    "": {"couchdb", "sources", "postgres", "sync", "pipeline", "metrics", "log", "ha", "verify"},
+    "couchdb": {
+        "host", "port", "secure", "user", "password", "password_file", "dbs", "url",
+        "instance", "ca_file", "verify_tls",
+    },
+    "postgres": {
+        "host", "port", "user", "password", "password_file", "db", "schema", "table", "url",
+    },
+    "sync": {"batch_size", "heartbeat_ms"},
+    "pipeline": {"models", "interval"},
+    "metrics": {"port", "host"},
+    "log": {"level", "format"},
+    "ha": {"lease_seconds"},
+    "verify": {"interval"},
+}
+
+
+def _warn_unknown(section: str, data: Mapping[str, Any]) -> None:
+    known = KNOWN_KEYS[section]
+    for key in data:
+        if key not in known:
+            where = f"{section}.{key}" if section else key
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            log.warning("config: unknown key '%s' ignored%s", where, hint)
+
+
+def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config key '{name}' must be a mapping of settings, got {value!r}")
+    _warn_unknown(name, value)
+    return dict(value)
+
+
+def _int(key: str, value: Any, minimum: int = 0, maximum: int = 2**31 - 1) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}") from None
+    if not minimum <= number <= maximum:
+        raise ConfigError(f"{key}: must be between {minimum} and {maximum}, got {number}")
+    return number
+
+
+def _float(key: str, value: Any, minimum: float = 0.0) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{key}: must be at least {minimum}, got {number}")
+    return number
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _ident(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not IDENT.match(text):
+        raise ConfigError(
+            f"{key}: {text!r} is not a plain SQL name (letters, digits, underscore; max 63)"
+        )
+    return text
+
+
+def _dbs(key: str, value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else re.split(r"[\s,]+", str(value or ""))
+    dbs = tuple(str(db).strip() for db in items if str(db).strip())
+    if not dbs:
+        raise ConfigError(f"{key}: list at least one CouchDB database, e.g. 'medic'")
+    for db in dbs:
+        # CouchDB's own rule for database names.
+        if not re.match(r"^(_users|[a-z][a-z0-9_$()+/-]*)$", db):
+            raise ConfigError(f"{key}: {db!r} is not a valid CouchDB database name")
+    if len(set(dbs)) != len(dbs):
+        raise ConfigError(f"{key}: a database is listed twice")
+    return dbs
+
+
+def _secret(key: str, direct: Any, file_key: str, file_value: Any) -> str | None:
+    """A password given directly or, Docker-secrets style, as the path of a file holding it."""
+    if file_value:
+        try:
+            return Path(str(file_value)).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{file_key}: cannot read {file_value}: {exc.strerror}") from None
+    return None if direct is None else str(direct)
+
+
+def _split_url(key: str, url: str) -> tuple[str, str | None, str | None]:
+    """Return (url without credentials, user, password)."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected http(s)://host:port, got a value that is not a URL")
+    user = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password else None
+    netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")), user, password
+
+
+def _couch_source(key: str, data: Mapping[str, Any], env: Mapping[str, str] | None) -> CouchSource:
+    """Build one source from a mapping (config.yaml) with, for the main one, env overrides."""
+    e = env or {}
+
+    def pick(env_key: str, yaml_key: str, default: Any = None) -> Any:
+        if env_key in e and e[env_key] != "":
+            return e[env_key]
+        return data.get(yaml_key, default)
+
+    url_value = pick("COUCHDB_URL", "url")
+    user = pick("COUCHDB_USER", "user")
+    password = _secret(
+        f"{key}.password", pick("COUCHDB_PASSWORD", "password"),
+        "COUCHDB_PASSWORD_FILE" if e.get("COUCHDB_PASSWORD_FILE") else f"{key}.password_file",
+        pick("COUCHDB_PASSWORD_FILE", "password_file"),
+    )
+    if url_value:
+        url, url_user, url_password = _split_url("COUCHDB_URL" if e.get("COUCHDB_URL") else f"{key}.url", str(url_value))
+        user = user or url_user
+        password = password or url_password
+        host = urllib.parse.urlsplit(url).hostname or ""
+    else:
+        host = pick("COUCHDB_HOST", "host")
+        if not host:
+            raise ConfigError(
+                "COUCHDB_HOST is not set: set it (or COUCHDB_URL, or couchdb.host in config.yaml)"
+                " to your CHT CouchDB server"
+            )
+        host = str(host).strip()
+        port = _int("COUCHDB_PORT", pick("COUCHDB_PORT", "port", 5984), 1, 65535)
+        secure = _bool("COUCHDB_SECURE", pick("COUCHDB_SECURE", "secure", False))
+        if "/" in host or ":" in host.strip("[]"):
+            # CHT Sync users sometimes put a full URL into COUCHDB_HOST.
+            if host.startswith(("http://", "https://")):
+                url, url_user, url_password = _split_url("COUCHDB_HOST", host)
+                user = user or url_user
+                password = password or url_password
+                host = urllib.parse.urlsplit(url).hostname or host
+            else:
+                raise ConfigError(f"COUCHDB_HOST: give a host name only, got {host!r}")
+        else:
+            url = f"{'https' if secure else 'http'}://{host}:{port}"
+    dbs = _dbs("COUCHDB_DBS", pick("COUCHDB_DBS", "dbs", "medic"))
+    instance = str(pick("CHTSYNC_INSTANCE", "instance", host) or host)
+    if "/" in instance or not instance:
+        raise ConfigError(f"{key}.instance: {instance!r} must be a non-empty label without '/'")
+    return CouchSource(
+        instance=instance,
+        url=url,
+        dbs=dbs,
+        user=None if user is None else str(user),
+        password=password,
+        verify_tls=_bool(f"{key}.verify_tls", pick("COUCHDB_VERIFY_TLS", "verify_tls", True)),
+        ca_file=pick("COUCHDB_CA_FILE", "ca_file"),
+    )
+
+
+def _postgres(data: Mapping[str, Any], env: Mapping[str, str]) -> PostgresConfig:
+    def pick(env_key: str, yaml_key: str, default: Any = None) -> Any:
+        if env.get(env_key):
+            return env[env_key]
+        return data.get(yaml_key, default)
+
+    extra: dict[str, str] = {}
+    base: dict[str, Any] = {}
+    url = pick("POSTGRES_URL", "url")
+    if url:
+        import psycopg.conninfo
+
+        try:
+            parsed = psycopg.conninfo.conninfo_to_dict(str(url))
+        except psycopg.ProgrammingError:
+            raise ConfigError(
+                "POSTGRES_URL: not a valid postgresql:// URL or libpq connection string"
+            ) from None
+        for key in ("host", "port", "user", "password", "dbname"):
+            if key in parsed:
+                base[key] = parsed.pop(key)
+        extra = {k: str(v) for k, v in parsed.items() if v is not None}
+    password = _secret(
+        "postgres.password", pick("POSTGRES_PASSWORD", "password", base.get("password")),
+        "POSTGRES_PASSWORD_FILE", pick("POSTGRES_PASSWORD_FILE", "password_file"),
+    )
+    port = pick("POSTGRES_PORT", "port", base.get("port"))
+    return PostgresConfig(
+        host=pick("POSTGRES_HOST", "host", base.get("host")),
+        port=None if port in (None, "") else _int("POSTGRES_PORT", port, 1, 65535),
+        user=pick("POSTGRES_USER", "user", base.get("user")),
+        password=password,
+        dbname=pick("POSTGRES_DB", "db", base.get("dbname")),
+        schema=_ident("POSTGRES_SCHEMA", pick("POSTGRES_SCHEMA", "schema", "v1")),
+        table=_ident("POSTGRES_TABLE", pick("POSTGRES_TABLE", "table", "couchdb")),
+        extra=tuple(sorted(extra.items())),
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: check --config / CHTSYNC_CONFIG") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if env.get("CHTSYNC_CONFIG"):
+        return Path(env["CHTSYNC_CONFIG"])
+    for name in DEFAULT_CONFIG_NAMES:
+        if Path(name).is_file():
+            return Path(name)
+    return None
+
+
+def load(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None, search: bool = True
+) -> Config:
+    """Read config.yaml (if any) and the environment; raise ConfigError on the first problem.
+
+    With search=False only an explicit path is read (tests use it to ignore ./config.yaml).
+    """
+    env = dict(os.environ if env is None else env)
+    file = find_config_file(str(path) if path else None, env) if search or path else None
+    raw = read_yaml(file) if file else {}
+    _warn_unknown("", raw)
+    couch = _section(raw, "couchdb")
+    sync = _section(raw, "sync")
+    pipeline = _section(raw, "pipeline")
+    metrics = _section(raw, "metrics")
+    logs = _section(raw, "log")
+    ha = _section(raw, "ha")
+    verify = _section(raw, "verify")
+
+    sources: list[CouchSource] = []
+    if raw.get("sources"):
+        if not isinstance(raw["sources"], list):
+            raise ConfigError("config key 'sources' must be a list of CouchDB servers")
+        for i, item in enumerate(raw["sources"]):
+            if not isinstance(item, Mapping):
+                raise ConfigError(f"sources[{i}]: expected a mapping with url/host, dbs, ...")
+            _warn_unknown("couchdb", item)
+            sources.append(_couch_source(f"sources[{i}]", item, None))
+        if any(env.get(k) for k in ("COUCHDB_HOST", "COUCHDB_URL")):
+            log.warning("config: COUCHDB_HOST/COUCHDB_URL ignored because config.yaml lists sources")
+    else:
+        sources.append(_couch_source("couchdb", couch, env))
+    names = [s.source_name(db) for s in sources for db in s.dbs]
+    if len(set(names)) != len(names):
+        raise ConfigError("sources: two sources share an instance label; set 'instance' on each")
+
+    models_value = env.get("CHTSYNC_MODELS") or pipeline.get("models")
+    if models_value:
+        models = Path(models_value)
+        if not models.is_absolute() and file and not env.get("CHTSYNC_MODELS"):
+            models = (file.parent / models).resolve()
+    else:
+        models = paths.default_models()
+    interval = env.get("CHTSYNC_INTERVAL") or env.get("DATAEMON_INTERVAL") or pipeline.get("interval", 5)
+    metrics_port = env.get("METRICS_PORT") or metrics.get("port")
+    verify_interval = env.get("VERIFY_INTERVAL") or verify.get("interval")
+    level = str(env.get("LOG_LEVEL") or logs.get("level", "INFO")).upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    fmt = str(env.get("LOG_FORMAT") or logs.get("format", "text")).lower()
+    if fmt not in {"text", "json"}:
+        raise ConfigError(f"LOG_FORMAT: expected text or json, got {fmt!r}")
+    return Config(
+        sources=tuple(sources),
+        postgres=_postgres(_section(raw, "postgres"), env),
+        batch_size=_int("BATCH_SIZE", env.get("BATCH_SIZE") or sync.get("batch_size", 1000), 1, 10000),
+        heartbeat_ms=_int("sync.heartbeat_ms", sync.get("heartbeat_ms", 10000), 1000, 60000),
+        models=models,
+        refresh_interval=_float("DATAEMON_INTERVAL", interval, 0.1),
+        metrics_port=None if metrics_port in (None, "") else _int("METRICS_PORT", metrics_port, 1, 65535),
+        metrics_host=str(env.get("METRICS_HOST") or metrics.get("host", "0.0.0.0")),
+        log_level=level,
+        log_format=fmt,
+        lease_seconds=_float("ha.lease_seconds", env.get("LEASE_SECONDS") or ha.get("lease_seconds", 10), 1),
+        verify_interval=None if not verify_interval else _float("VERIFY_INTERVAL", verify_interval, 60),
+        path=file,
+    )

@@ -1,0 +1,53 @@
+"""Postgres connections: every chtsync session runs with search_path = the configured schema."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from chtsync.config import Config, ConfigError
+
+# First key of every advisory lock chtsync takes (two-int form): 'chts' in ASCII.
+LOCK_CLASS = 0x63687473
+
+
+def conninfo(cfg: Config, **extra: Any) -> str:
+    kw = cfg.postgres.conninfo_kwargs()
+    options = [kw.pop("options", "")] if kw.get("options") else []
+    options.append(f"-c search_path={cfg.schema},public")
+    options.append(f"-c chtsync.table={cfg.table}")
+    kw["options"] = " ".join(options)
+    kw.setdefault("connect_timeout", 10)
+    kw.update(extra)
+    return psycopg.conninfo.make_conninfo(**kw)
+
+
+def lock_key(cfg: Config, name: str) -> int:
+    """A stable 32-bit key for an advisory lock on `name` within this schema."""
+    return zlib.crc32(f"{cfg.schema}:{name}".encode()) - 2**31
+
+
+def table_ident(cfg: Config) -> sql.Identifier:
+    return sql.Identifier(cfg.schema, cfg.table)
+
+
+def describe_error(cfg: Config, exc: BaseException) -> str:
+    """One line for a failed connection, naming the server but never the password."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for secret in cfg.secrets():
+        text = text.replace(secret, "***")
+    return f"cannot connect to Postgres at {cfg.postgres.describe()}: {text}"
+
+
+def connect(cfg: Config, **kw: Any) -> psycopg.Connection:
+    try:
+        return psycopg.connect(conninfo(cfg), **kw)
+    except psycopg.OperationalError as exc:
+        raise ConfigError(describe_error(cfg, exc)) from None
+
+
+async def connect_async(cfg: Config, **kw: Any) -> psycopg.AsyncConnection:
+    return await psycopg.AsyncConnection.connect(conninfo(cfg), **kw)

@@ -1,0 +1,91 @@
+"""chtsync's own tables, created and upgraded only by the yoyo migrations in migrations/.
+
+Migrations run with search_path set to the configured schema and the raw table's name in the
+setting `chtsync.table`, under a Postgres advisory lock so two processes never race.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from psycopg import sql
+from yoyo import read_migrations
+from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
+from yoyo.connections import DatabaseURI
+
+from chtsync import db, paths
+from chtsync.config import Config
+
+log = logging.getLogger("chtsync.migrate")
+
+
+@dataclass
+class MigrationPlan:
+    applied: list[str]
+    pending: list[str]
+
+
+class _Backend(PostgresqlPsycopgBackend):
+    """yoyo's psycopg 3 backend, connecting with chtsync's conninfo (schema, table setting)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        uri = DatabaseURI("postgresql+psycopg", None, None, None, None, None, {})
+        super().__init__(uri, "_yoyo_migration")
+
+    def connect(self, dburi: DatabaseURI):  # type: ignore[override]
+        import psycopg
+
+        self.schema = self._cfg.schema
+        return psycopg.connect(db.conninfo(self._cfg), autocommit=True)
+
+    def copy(self):  # type: ignore[override]
+        return type(self)(self._cfg)
+
+
+def _backend(cfg: Config) -> _Backend:
+    backend = _Backend(cfg)
+    backend.init_database()
+    return backend
+
+
+def _ensure_schema(cfg: Config) -> None:
+    with db.connect(cfg, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_namespace WHERE nspname = %s", (cfg.schema,)
+        ).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(cfg.schema)))
+
+
+def plan(cfg: Config) -> MigrationPlan:
+    _ensure_schema(cfg)
+    backend = _backend(cfg)
+    try:
+        migrations = read_migrations(str(paths.migrations_dir()))
+        pending = backend.to_apply(migrations)
+        applied = [m.id for m in migrations if m.id not in {p.id for p in pending}]
+        return MigrationPlan(applied=applied, pending=[m.id for m in pending])
+    finally:
+        backend.connection.close()
+
+
+def apply(cfg: Config) -> list[str]:
+    """Apply pending migrations; return their ids. Safe to call from several processes."""
+    _ensure_schema(cfg)
+    with db.connect(cfg, autocommit=True) as lock_conn:
+        # Session-level lock: a second process waits here, then finds nothing left to do.
+        lock_conn.execute("SELECT pg_advisory_lock(%s, %s)", (db.LOCK_CLASS, db.lock_key(cfg, "migrate")))
+        backend = _backend(cfg)
+        try:
+            migrations = read_migrations(str(paths.migrations_dir()))
+            pending = backend.to_apply(migrations)
+            if pending:
+                with backend.lock():
+                    backend.apply_migrations(pending)
+                for m in pending:
+                    log.info("migration applied id=%s schema=%s", m.id, cfg.schema)
+            return [m.id for m in pending]
+        finally:
+            backend.connection.close()

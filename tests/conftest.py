@@ -1,0 +1,91 @@
+"""Shared fixtures: a fresh Postgres database per test (migrated template), pouchdb-server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+
+import psycopg
+import pytest
+from pytest_postgresql import factories
+
+from chtsync import config as config_mod
+from chtsync import migrate
+from tests.servers import ADMIN, CouchAdmin, PouchServer
+
+PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("TEST_PG_USER", "postgres")
+# One database name per pytest process, so parallel runs never share a database.
+TEST_DB = f"chtsync_test_{os.getpid()}"
+
+
+def make_config(dbname: str, couch_url: str = "http://127.0.0.1:9", **env: str) -> config_mod.Config:
+    """A Config for a test database; extra keyword arguments are environment variables."""
+    base = {
+        "COUCHDB_URL": couch_url,
+        "COUCHDB_USER": ADMIN[0],
+        "COUCHDB_PASSWORD": ADMIN[1],
+        "COUCHDB_DBS": "medic",
+        "POSTGRES_HOST": PG_HOST,
+        "POSTGRES_PORT": str(PG_PORT),
+        "POSTGRES_USER": PG_USER,
+        "POSTGRES_DB": dbname,
+    }
+    base.update(env)
+    return config_mod.load(env=base, search=False)
+
+
+def _load_template(host: str, port: int, user: str, dbname: str, password: str | None, **_: object) -> None:
+    """Migrate the template once; every test database is a clone of it."""
+    migrate.apply(make_config(dbname))
+
+
+postgresql_noproc = factories.postgresql_noproc(
+    host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=TEST_DB, load=[_load_template]
+)
+postgresql = factories.postgresql("postgresql_noproc")
+
+
+@pytest.fixture
+def pg(postgresql: psycopg.Connection) -> psycopg.Connection:
+    """An autocommit connection to this test's fresh, migrated database (schema v1)."""
+    postgresql.autocommit = True
+    postgresql.execute("SET search_path = v1, public")
+    return postgresql
+
+
+@pytest.fixture
+def dbname(pg: psycopg.Connection) -> str:
+    return pg.info.dbname
+
+
+@pytest.fixture(scope="session")
+def pouch_server() -> Iterator[PouchServer]:
+    server = PouchServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def couch(pouch_server: PouchServer, request: pytest.FixtureRequest) -> Iterator[CouchAdmin]:
+    """Admin client on the shared pouchdb-server; databases made by the test are dropped after."""
+    admin = pouch_server.client()
+    before = set(admin.http.get("/_all_dbs").json())
+    yield admin
+    for db in set(admin.http.get("/_all_dbs").json()) - before:
+        admin.delete_db(db)
+
+
+@pytest.fixture
+def cfg_factory(dbname: str, pouch_server: PouchServer):
+    """Build a Config for this test's databases: cfg_factory(dbs="a,b", **env)."""
+
+    def build(dbs: str = "medic", url: str | None = None, **env: str) -> config_mod.Config:
+        return make_config(dbname, url or pouch_server.url, COUCHDB_DBS=dbs, **env)
+
+    return build
+
+
+__all__ = ["make_config", "replace"]

@@ -1,0 +1,185 @@
+"""Real servers for tests: pouchdb-server (a CouchDB-API server) and a cuttable TCP proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+POUCHDB_BIN = ROOT / "node_modules" / ".bin" / "pouchdb-server"
+ADMIN = ("admin", "s3cret-Pa55")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PouchServer:
+    """pouchdb-server in memory on loopback, with an admin user (basic auth required to write)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        if not POUCHDB_BIN.exists():
+            raise RuntimeError("pouchdb-server missing: run `npm ci --ignore-scripts` in the repo")
+        self.port = port or free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="pouchdb-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> PouchServer:
+        # A fresh config each start: pouchdb-server hashes the admin password on first start.
+        (self.workdir / "config.json").write_text(json.dumps({"admins": {ADMIN[0]: ADMIN[1]}}))
+        self.proc = subprocess.Popen(
+            [str(POUCHDB_BIN), "-m", "-o", "127.0.0.1", "-p", str(self.port), "-n",
+             "-c", str(self.workdir / "config.json")],
+            cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pouchdb-server exited with {self.proc.returncode}")
+            time.sleep(0.1)
+        raise RuntimeError("pouchdb-server did not start within 30 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def client(self) -> CouchAdmin:
+        return CouchAdmin(self.url)
+
+
+class CouchAdmin:
+    """A small synchronous client to arrange CouchDB state in tests."""
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(base_url=url, auth=ADMIN, timeout=60,
+                                 headers={"Content-Type": "application/json"})
+
+    def create_db(self, db: str) -> None:
+        r = self.http.put(f"/{db}")
+        assert r.status_code in (201, 412), r.text
+
+    def delete_db(self, db: str) -> None:
+        self.http.delete(f"/{db}")
+
+    def bulk(self, db: str, docs: list[dict]) -> list[dict]:
+        r = self.http.post(f"/{db}/_bulk_docs", content=json.dumps({"docs": docs}))
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def put(self, db: str, doc: dict) -> str:
+        r = self.http.put(f"/{db}/{doc['_id']}", content=json.dumps(doc))
+        assert r.status_code == 201, r.text
+        return r.json()["rev"]
+
+    def get(self, db: str, doc_id: str) -> dict:
+        return self.http.get(f"/{db}/{doc_id}").json()
+
+    def delete(self, db: str, doc_id: str) -> str:
+        rev = self.get(db, doc_id)["_rev"]
+        r = self.http.delete(f"/{db}/{doc_id}", params={"rev": rev})
+        assert r.status_code == 200, r.text
+        return r.json()["rev"]
+
+    def state(self, db: str) -> dict[str, tuple[str, bool]]:
+        """{_id: (winning rev, deleted)} for every document, tombstones included."""
+        r = self.http.get(f"/{db}/_changes", params={"style": "main_only"})
+        r.raise_for_status()
+        return {
+            c["id"]: (c["changes"][0]["rev"], bool(c.get("deleted")))
+            for c in r.json()["results"]
+        }
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to a target; `cut()` resets every open connection."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.refusing = False
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.refusing:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> int:
+        """Reset every connection now open; return how many were cut."""
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.close()
+            except OSError:
+                pass
+        return len(conns) // 2
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+        self.cut()

@@ -1,0 +1,25 @@
+"""Migrations: tables created in the configured schema, idempotent, safe to run twice."""
+
+import psycopg
+
+from chtsync import migrate
+from tests.conftest import make_config
+
+
+def test_template_has_tables(pg: psycopg.Connection) -> None:
+    tables = {r[0] for r in pg.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'v1'")}
+    assert {"couchdb", "couchdb_progress", "chtsync_errors", "chtsync_sources"} <= tables
+
+
+def test_custom_schema_and_table(dbname: str, pg: psycopg.Connection) -> None:
+    cfg = make_config(dbname, POSTGRES_SCHEMA="cht_raw", POSTGRES_TABLE="docs")
+    applied = migrate.apply(cfg)
+    assert "0001.raw-tables" in applied
+    cols = [r[0] for r in pg.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = 'cht_raw' AND table_name = 'docs' ORDER BY ordinal_position")]
+    assert cols[:5] == ["saved_timestamp", "_id", "_deleted", "source", "doc"]
+    # A second run finds nothing to do.
+    assert migrate.apply(cfg) == []
+    assert migrate.plan(cfg).pending == []
