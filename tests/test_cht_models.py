@@ -521,6 +521,11 @@ def assert_all(pg: psycopg.Connection, expected: dict[str, list[dict[str, Any]]]
     assert sorted(r[0] for r in pg.execute("SELECT uuid FROM contact_detail")) == contact_ids
     split = sorted(r["uuid"] for r in expected["person"] + expected["place"])
     assert split == contact_ids
+    # ... by the same rule as contact_type.person
+    disagree = pg.execute(
+        "SELECT c.uuid FROM contact c JOIN contact_type t ON t.id = c.contact_type"
+        " WHERE t.person <> EXISTS (SELECT 1 FROM person p WHERE p.uuid = c.uuid)").fetchall()
+    assert disagree == []
     assert_matches_rebuild(pg)
 
 
