@@ -23,7 +23,7 @@ MEDIC = "localhost/medic"
 USERS = "localhost/_users"
 META = "localhost/medic-users-meta"
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def ts(seconds: float) -> dt.datetime:

@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -17,9 +16,8 @@ import pytest
 from psycopg import sql
 
 from tests.cht_fixtures import (
-    META,
     MEDIC,
-    MODELS_YAML,
+    META,
     ROOT,
     USERS,
     Feed,
@@ -309,7 +307,7 @@ def expected_initial() -> dict[str, list[dict[str, Any]]]:
         return row
 
     def day(y, m, d):
-        return dt.datetime(y, m, d, tzinfo=dt.timezone.utc)
+        return dt.datetime(y, m, d, tzinfo=dt.UTC)
 
     tele_rows = [
         tele(T1["_id"], day(2019, 11, 1), "3.7.1"),
@@ -536,6 +534,23 @@ def by_key(rows_: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
 # --- tests -----------------------------------------------------------------------------------
 
 
+def relations(node: Any, refs: set | None = None, ctes: set | None = None) -> tuple[set, set]:
+    """Relation names a parse tree reads, and the CTE names it defines."""
+    refs = set() if refs is None else refs
+    ctes = set() if ctes is None else ctes
+    if isinstance(node, dict):
+        if "RangeVar" in node:
+            refs.add(node["RangeVar"]["relname"])
+        if "CommonTableExpr" in node:
+            ctes.add(node["CommonTableExpr"]["ctename"])
+        for v in node.values():
+            relations(v, refs, ctes)
+    elif isinstance(node, list):
+        for v in node:
+            relations(v, refs, ctes)
+    return refs, ctes
+
+
 def test_models_file_is_consistent() -> None:
     """One SQL file per model, no trailing semicolon, declared dependencies = the SQL's own
     references (as pglast finds them), and incremental keys are the first column."""
@@ -549,21 +564,7 @@ def test_models_file_is_consistent() -> None:
         assert not text.endswith(";"), m["name"]
         tree = json.loads(pglast.parser.parse_sql_json(text))
         assert len(tree["stmts"]) == 1 and "SelectStmt" in tree["stmts"][0]["stmt"], m["name"]
-        refs, ctes = set(), set()
-
-        def walk(node: Any) -> None:
-            if isinstance(node, dict):
-                if "RangeVar" in node:
-                    refs.add(node["RangeVar"]["relname"])
-                if "CommonTableExpr" in node:
-                    ctes.add(node["CommonTableExpr"]["ctename"])
-                for v in node.values():
-                    walk(v)
-            elif isinstance(node, list):
-                for v in node:
-                    walk(v)
-
-        walk(tree)
+        refs, ctes = relations(tree)
         refs -= ctes
         assert refs == set(m.get("depends_on", [])), m["name"]
         assert refs <= names | {"couchdb"}, m["name"]
