@@ -235,7 +235,8 @@ def _couch_source(key: str, data: Mapping[str, Any], env: Mapping[str, str] | No
         pick("COUCHDB_PASSWORD_FILE", "password_file"),
     )
     if url_value:
-        url, url_user, url_password = _split_url("COUCHDB_URL" if e.get("COUCHDB_URL") else f"{key}.url", str(url_value))
+        url_key = "COUCHDB_URL" if e.get("COUCHDB_URL") else f"{key}.url"
+        url, url_user, url_password = _split_url(url_key, str(url_value))
         user = user or url_user
         password = password or url_password
         host = urllib.parse.urlsplit(url).hostname or ""

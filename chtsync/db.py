@@ -35,11 +35,13 @@ def table_ident(cfg: Config) -> sql.Identifier:
 
 
 def describe_error(cfg: Config, exc: BaseException) -> str:
-    """One line for a failed connection, naming the server but never the password."""
+    """One line for a Postgres failure, naming the server but never the password."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     for secret in cfg.secrets():
         text = text.replace(secret, "***")
-    return f"cannot connect to Postgres at {cfg.postgres.describe()}: {text}"
+    if isinstance(exc, psycopg.OperationalError) and not getattr(exc, "sqlstate", None):
+        return f"cannot connect to Postgres at {cfg.postgres.describe()}: {text}"
+    return f"Postgres at {cfg.postgres.describe()}: {text}"
 
 
 def connect(cfg: Config, **kw: Any) -> psycopg.Connection:

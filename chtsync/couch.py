@@ -1,0 +1,167 @@
+"""CouchDB client (httpx, async): the few calls chtsync makes, with errors sorted by what to do.
+
+Bodies of _changes pages are returned as bytes: Python never decodes documents, Postgres does.
+Credentials travel in the Authorization header only; no URL or message here ever holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from chtsync.config import CouchSource
+
+
+class CouchError(Exception):
+    """A CouchDB call failed. `transient` errors are retried; the others need a person."""
+
+    def __init__(self, message: str, *, status: int | None = None, transient: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
+
+
+class CouchAuthError(CouchError):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, status=status, transient=False)
+
+
+class CouchNotFound(CouchError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=404, transient=False)
+
+
+class CouchBadSince(CouchError):
+    """HTTP 400 on `since`: the stored seq means nothing to this database (recreated?)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=400, transient=False)
+
+
+@dataclass(frozen=True)
+class DbInfo:
+    doc_count: int
+    doc_del_count: int
+    update_seq: str
+
+
+def seq_number(seq: str | None) -> int | None:
+    """The numeric prefix of a seq ("12-g1AAA" -> 12, "12" -> 12): a hint, never an order."""
+    if seq is None:
+        return None
+    head = str(seq).split("-", 1)[0].strip('"')
+    return int(head) if head.isdigit() else None
+
+
+class CouchClient:
+    def __init__(
+        self, source: CouchSource, *, read_timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.source = source
+        verify: bool | ssl.SSLContext = source.verify_tls
+        if source.ca_file:
+            verify = ssl.create_default_context(cafile=source.ca_file)
+        auth = httpx.BasicAuth(source.user, source.password or "") if source.user else None
+        self.http = httpx.AsyncClient(
+            base_url=source.url,
+            auth=auth,
+            verify=verify,
+            timeout=httpx.Timeout(connect=10.0, read=read_timeout, write=30.0, pool=10.0),
+            headers={"Accept": "application/json", "User-Agent": "chtsync"},
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def _where(self, db: str | None = None) -> str:
+        return f"{self.source.url}/{db}" if db else self.source.url
+
+    async def _get(self, path: str, db: str | None, **kw: Any) -> httpx.Response:
+        try:
+            response = await self.http.get(path, **kw)
+        except httpx.TimeoutException:
+            raise CouchError(f"CouchDB at {self._where(db)} timed out") from None
+        except httpx.TransportError as exc:
+            reason = type(exc).__name__
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            raise CouchError(f"CouchDB at {self._where(db)} unreachable: {reason} {text}".strip()) from None
+        status = response.status_code
+        if status == 200:
+            return response
+        if status in (401, 403):
+            raise CouchAuthError(
+                f"CouchDB at {self._where(db)} refused the credentials (HTTP {status}):"
+                " check COUCHDB_USER / COUCHDB_PASSWORD",
+                status,
+            )
+        if status == 404:
+            raise CouchNotFound(
+                f"CouchDB database {self._where(db)} does not exist: check COUCHDB_DBS"
+            )
+        if status == 400:
+            raise CouchBadSince(f"CouchDB at {self._where(db)} answered 400: {response.text[:200]}")
+        raise CouchError(f"CouchDB at {self._where(db)} answered HTTP {status}", status=status)
+
+    @staticmethod
+    def _db_path(db: str) -> str:
+        return "/" + urllib.parse.quote(db, safe="")
+
+    async def server_info(self) -> dict[str, Any]:
+        return (await self._get("/", None)).json()
+
+    async def db_info(self, db: str) -> DbInfo:
+        data = (await self._get(self._db_path(db), db)).json()
+        return DbInfo(
+            doc_count=int(data.get("doc_count", 0)),
+            doc_del_count=int(data.get("doc_del_count", 0)),
+            update_seq=str(data.get("update_seq")),
+        )
+
+    async def changes(
+        self, db: str, since: str, limit: int, *, longpoll: bool = False, heartbeat_ms: int = 10000
+    ) -> bytes:
+        """One page of _changes with documents, as the raw response body."""
+        params: dict[str, Any] = {
+            "since": since,
+            "limit": limit,
+            "include_docs": "true",
+            # A real seq only every `limit` rows (CouchDB 2+): last_seq is always exact.
+            "seq_interval": limit,
+        }
+        if longpoll:
+            # Waits for the next change; heartbeat newlines keep a live connection provably live.
+            params.update(feed="longpoll", heartbeat=heartbeat_ms)
+        response = await self._get(self._db_path(db) + "/_changes", db, params=params)
+        return response.content
+
+    async def all_docs_page(
+        self, db: str, start_key: str | None, limit: int
+    ) -> list[tuple[str, str]]:
+        """(id, winning rev) of up to `limit` documents from start_key on; no bodies."""
+        params: dict[str, Any] = {"limit": limit}
+        if start_key is not None:
+            params["start_key"] = json.dumps(start_key)
+        data = (await self._get(self._db_path(db) + "/_all_docs", db, params=params)).json()
+        return [(row["id"], row["value"]["rev"]) for row in data.get("rows", [])]
+
+    async def fetch_docs(self, db: str, ids: list[str]) -> bytes:
+        """Current winning revisions of `ids` as a _changes-shaped page body (for repair)."""
+        try:
+            response = await self.http.post(
+                self._db_path(db) + "/_all_docs",
+                params={"include_docs": "true"},
+                content=json.dumps({"keys": ids}),
+                headers={"Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise CouchError(f"CouchDB at {self._where(db)} unreachable: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise CouchError(f"CouchDB at {self._where(db)} answered HTTP {response.status_code}")
+        return response.content

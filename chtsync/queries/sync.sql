@@ -1,0 +1,37 @@
+-- Named queries of the sync engine (loaded by chtsync.queries).
+
+-- name: ingest_page
+-- One _changes page: (table, source, page body, page size asked, checkpoint?, force?).
+SELECT last_seq, pending, changes, written
+FROM chtsync_ingest_v1(%s::regclass, %s, %s::jsonb, %s, %s, %s)
+
+-- name: record_error
+INSERT INTO chtsync_errors (source, _id, seq, reason, raw) VALUES (%s, %s, %s, %s, %s)
+
+-- name: get_checkpoint
+SELECT seq FROM couchdb_progress WHERE source = %s
+
+-- name: reset_checkpoint
+UPDATE couchdb_progress SET seq = '0', pending = NULL, updated_at = now() WHERE source = %s
+
+-- name: try_source_lock
+-- Held for as long as this session follows the source: the lock is the lease.
+SELECT pg_try_advisory_lock(%s, %s)
+
+-- name: set_source_state
+INSERT INTO chtsync_sources AS s (source, state, reason, owner, updated_at, caught_up_at)
+VALUES (%(source)s, %(state)s, %(reason)s, %(owner)s, now(),
+        CASE WHEN %(state)s = 'following' THEN now() END)
+ON CONFLICT (source) DO UPDATE SET
+    state = excluded.state,
+    reason = excluded.reason,
+    owner = excluded.owner,
+    updated_at = excluded.updated_at,
+    caught_up_at = coalesce(excluded.caught_up_at, s.caught_up_at)
+
+-- name: session_keepalives
+-- A follower whose network dies must lose its lease quickly, so the server probes the client.
+SELECT set_config('tcp_keepalives_idle', '5', false),
+       set_config('tcp_keepalives_interval', '2', false),
+       set_config('tcp_keepalives_count', '3', false),
+       set_config('tcp_user_timeout', '10000', false)

@@ -1,0 +1,159 @@
+"""The one process: migrations, model plan, a follower per database, the refresh loop, metrics.
+
+Everything runs on one asyncio loop; the pipeline's synchronous Postgres work runs in a thread.
+A stop event (SIGTERM/SIGINT) ends it: followers finish or abandon their page, the loop ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+
+from chtsync import db, migrate
+from chtsync.config import Config, ConfigError
+from chtsync.couch import CouchClient
+from chtsync.follower import Follower, SourceStats
+
+log = logging.getLogger("chtsync.service")
+
+
+@dataclass
+class Runtime:
+    """Live state of a running service, shared with metrics and health endpoints."""
+
+    cfg: Config
+    followers: list[Follower] = field(default_factory=list)
+    postgres_ok: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def sources(self) -> list[SourceStats]:
+        return [f.stats for f in self.followers]
+
+
+def make_followers(cfg: Config, stop: asyncio.Event, once: bool) -> tuple[list[Follower], list[CouchClient]]:
+    followers, clients = [], []
+    for source in cfg.sources:
+        # Longpoll waits are long; the read timeout only needs to outlast a heartbeat or two.
+        client = CouchClient(source, read_timeout=max(30.0, cfg.heartbeat_ms / 1000 * 3))
+        clients.append(client)
+        followers += [Follower(cfg, source, name, client, stop, once=once) for name in source.dbs]
+    return followers, clients
+
+
+async def follow_all(cfg: Config, stop: asyncio.Event, *, once: bool = False,
+                     runtime: Runtime | None = None) -> list[SourceStats]:
+    """Run a follower per database until stop (or, with once, until every one is caught up)."""
+    followers, clients = make_followers(cfg, stop, once)
+    if runtime is not None:
+        runtime.followers = followers
+    try:
+        return list(await asyncio.gather(*(f.run() for f in followers)))
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def _listen(cfg: Config, stop: asyncio.Event, wake: asyncio.Event) -> None:
+    """Wake the refresh loop when any process commits new rows (NOTIFY from the ingest)."""
+    while not stop.is_set():
+        try:
+            async with await db.connect_async(cfg, autocommit=True) as conn:
+                await conn.execute("LISTEN chtsync_ingest")
+                gen = conn.notifies()
+                async for _ in gen:
+                    wake.set()
+                    if stop.is_set():
+                        break
+        except psycopg.Error:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+
+
+async def prepare(cfg: Config, *, models: bool = True) -> None:
+    """Apply pending migrations and the model plan (both locked), retrying while Postgres is down."""
+    delay = 1.0
+    while True:
+        try:
+            await asyncio.to_thread(migrate.apply, cfg)
+            if models:
+                await asyncio.to_thread(_apply_models, cfg)
+            return
+        except ConfigError as exc:
+            if "cannot connect to Postgres" not in str(exc):
+                raise
+            log.warning("%s; retrying in %.0f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def _apply_models(cfg: Config) -> None:
+    from chtsync import pipeline
+
+    with db.connect(cfg) as conn:
+        pipeline.apply(cfg, conn)
+
+
+async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
+                runtime: Runtime | None = None) -> int:
+    """`chtsync run`: everything in one process until stop. Returns the exit code."""
+    from chtsync import metrics, pipeline
+
+    runtime = runtime or Runtime(cfg)
+    await prepare(cfg)
+    runtime.postgres_ok = True
+    server = metrics.start(runtime) if cfg.metrics_port else None
+    wake = asyncio.Event()
+    tasks = [
+        asyncio.create_task(follow_all(cfg, stop, once=once, runtime=runtime), name="followers"),
+        asyncio.create_task(pipeline.refresh_loop(cfg, stop, wake), name="refresh"),
+        asyncio.create_task(_listen(cfg, stop, wake), name="listen"),
+        asyncio.create_task(metrics.collect_loop(runtime, stop), name="metrics"),
+    ]
+    try:
+        if once:
+            await tasks[0]
+            stop.set()
+        await stop.wait()
+        # Followers end at a page boundary; give everything a bounded time to finish.
+        _, pending = await asyncio.wait(tasks, timeout=8.0)
+        for task in pending:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                exc = task.exception() if task.done() and not task.cancelled() else None
+                if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                    log.error("task %s ended with %r", task.get_name(), exc)
+    finally:
+        if server is not None:
+            server.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
+    """SIGTERM/SIGINT set the stop event; a second one exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def handler(signame: str) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signame)
+            raise SystemExit(1)
+        log.info("%s received: stopping", signame)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handler, sig.name)
+
+    def remove() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    return remove

@@ -1,0 +1,184 @@
+"""Postgres writes of the sync engine: one _changes page = one transaction = one function call.
+
+The page travels as the bytes CouchDB sent; chtsync_ingest_v1 (migrations/0002) unpacks it,
+upserts and moves the checkpoint. Only when Postgres refuses a page does Python look inside it,
+to split it down to the refused documents and record them in chtsync_errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from chtsync import queries
+from chtsync.config import Config
+
+log = logging.getLogger("chtsync.store")
+
+# `\u0000` escapes (Postgres jsonb refuses NUL) not preceded by an odd run of backslashes:
+# `\\u0000` is the literal text "\u0000" and is kept.
+NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+RAW_LIMIT = 1_000_000  # characters of a refused document kept in chtsync_errors
+
+# SQLSTATE classes that say "this data", not "this connection": data exception, integrity
+# violation, program limit exceeded (oversized or too deeply nested values).
+DATA_ERROR_CLASSES = ("22", "23", "54")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    if isinstance(exc, UnicodeError):
+        return True
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "")[:2] in DATA_ERROR_CLASSES
+
+
+@dataclass
+class PageResult:
+    last_seq: str | None
+    pending: int | None
+    changes: int
+    written: int
+    refused: int = 0
+
+
+def strip_nul(body: bytes) -> bytes:
+    if b"\\u0000" in body:
+        body = NUL_ESCAPE.sub(rb"\1", body)
+    return body.replace(b"\x00", b"") if b"\x00" in body else body
+
+
+def _text(body: bytes) -> str:
+    return body.decode("utf-8")
+
+
+class Store:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.table = f"{cfg.schema}.{cfg.table}"
+        self.q_ingest = queries.get("ingest_page")
+        self.q_error = queries.get("record_error")
+
+    async def checkpoint(self, conn: psycopg.AsyncConnection, source: str) -> str | None:
+        cur = await conn.execute(queries.get("get_checkpoint"), (source,))
+        row = await cur.fetchone()
+        await conn.commit()
+        return row[0] if row else None
+
+    async def reset_checkpoint(self, conn: psycopg.AsyncConnection, source: str, reason: str) -> None:
+        """Start a source over from 0 (rows are kept; replay is harmless)."""
+        async with conn.transaction():
+            await conn.execute(queries.get("reset_checkpoint"), (source,))
+            await conn.execute(self.q_error, (source, None, None, reason, None))
+
+    async def ingest(
+        self, conn: psycopg.AsyncConnection, source: str, body: bytes, limit: int,
+        *, force: bool = False,
+    ) -> PageResult:
+        body = strip_nul(body)
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    self.q_ingest, (self.table, source, _text(body), limit, True, force)
+                )
+                row = await cur.fetchone()
+            assert row is not None
+            return PageResult(row[0], row[1], row[2], row[3])
+        except (psycopg.Error, UnicodeError) as exc:
+            if not is_data_error(exc):
+                raise
+            log.warning("page refused source=%s reason=%s; splitting", source, _reason(exc))
+            return await self._ingest_split(conn, source, body, limit, exc, force)
+
+    async def _ingest_split(
+        self, conn: psycopg.AsyncConnection, source: str, body: bytes, limit: int,
+        first_error: BaseException, force: bool,
+    ) -> PageResult:
+        """Store what Postgres accepts, record what it refuses, checkpoint: one transaction."""
+        try:
+            page = json.loads(body)
+            results = page["results"]
+            if not isinstance(results, list):
+                raise TypeError("results is not a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            # Not a _changes page at all (truncated or garbled): nothing to checkpoint on.
+            async with conn.transaction():
+                await conn.execute(self.q_error, (
+                    source, None, None, f"unreadable _changes page: {exc}",
+                    body[:RAW_LIMIT].decode("utf-8", "replace"),
+                ))
+            return PageResult(None, None, 0, 0, refused=1)
+        last_seq = page.get("last_seq")
+        totals = PageResult(None, None, len(results), 0)
+        async with conn.transaction():
+            await self._store_parts(conn, source, results, totals, force)
+            # The checkpoint moves with the accepted rows and the error records, together.
+            cur = await conn.execute(self.q_ingest, (
+                self.table, source,
+                json.dumps({"results": [], "last_seq": last_seq, **_pending(page, len(results), limit)}),
+                None, True, force,
+            ))
+            row = await cur.fetchone()
+        assert row is not None
+        totals.last_seq, totals.pending = row[0], row[1]
+        return totals
+
+    async def _store_parts(
+        self, conn: psycopg.AsyncConnection, source: str, results: list[Any],
+        totals: PageResult, force: bool,
+    ) -> None:
+        stack = [results]
+        while stack:
+            part = stack.pop()
+            if not part:
+                continue
+            text = json.dumps({"results": part, "last_seq": None}, ensure_ascii=False)
+            try:
+                async with conn.transaction():  # a savepoint inside the page's transaction
+                    cur = await conn.execute(
+                        self.q_ingest, (self.table, source, _encodable(text), None, False, force)
+                    )
+                    row = await cur.fetchone()
+                totals.written += row[3] if row else 0
+            except (psycopg.Error, UnicodeError) as exc:
+                if not is_data_error(exc):
+                    raise
+                if len(part) > 1:
+                    half = len(part) // 2
+                    stack += [part[half:], part[:half]]
+                    continue
+                change = part[0]
+                doc_id = change.get("id") if isinstance(change, dict) else None
+                seq = change.get("seq") if isinstance(change, dict) else None
+                raw = json.dumps(change, ensure_ascii=True)[:RAW_LIMIT]
+                await conn.execute(self.q_error, (
+                    source, None if doc_id is None else str(doc_id),
+                    None if seq is None else str(seq), _reason(exc), raw,
+                ))
+                totals.refused += 1
+                log.warning("document refused source=%s id=%s reason=%s", source, doc_id, _reason(exc))
+
+
+def _pending(page: dict[str, Any], count: int, limit: int) -> dict[str, Any]:
+    if "pending" in page:
+        return {"pending": page["pending"]}
+    return {"pending": 0} if count < limit else {}
+
+
+def _encodable(text: str) -> str:
+    """Lone surrogates cannot go over the wire as UTF-8: escape them so Postgres judges them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raise UnicodeError("document holds a lone UTF-16 surrogate") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
+        code = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+        return f"{exc.diag.message_primary}{code}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
