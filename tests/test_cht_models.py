@@ -760,3 +760,37 @@ def test_switching_user_queries(pg: psycopg.Connection, feed: Feed,
         "SELECT date_trunc('month', period_start)::date, count(*) FROM v1.telemetry"
         " WHERE period_start IS NOT NULL GROUP BY 1 ORDER BY 1 LIMIT 1").fetchone() == (
         dt.date(2019, 11, 1), 1)
+
+
+def test_models_through_the_sync_engine(couch, cfg_factory, pg: psycopg.Connection,
+                                        pipeline: Pipeline) -> None:
+    """The same documents written to CouchDB (pouchdb-server) and synced by chtsync's own
+    followers give the same model rows as the ingest-level test."""
+    from tests.syncutil import sync_once
+
+    for db in ("medic", "medic-users-meta"):
+        couch.create_db(db)
+    couch.bulk("medic", copy.deepcopy(MEDIC_DOCS))
+    couch.delete("medic", "ghost")
+    couch.bulk("medic-users-meta", copy.deepcopy([FB1, FB2, *TELEMETRY]))
+    cfg = cfg_factory("medic,medic-users-meta", CHTSYNC_INSTANCE="localhost")
+    sync_once(cfg)
+    pipeline.apply()
+    pipeline.refresh()
+    expected = expected_initial()
+    expected["document_metadata"] = [r for r in expected["document_metadata"]
+                                     if r["dbname"] != "_users"]
+    assert_all(pg, expected)
+
+    # an edit and a deletion in CouchDB reach the models on the next sync and refresh
+    p1 = couch.get("medic", "p1")
+    couch.put("medic", {**p1, "name": "Alice A. Otieno"})
+    couch.delete("medic", "r6")
+    sync_once(cfg)
+    pipeline.refresh()
+    assert pg.execute("SELECT name FROM contact_hierarchy WHERE uuid = 'p1'").fetchone() == (
+        "Alice A. Otieno",)
+    assert pg.execute("SELECT count(*) FROM data_record WHERE uuid = 'r6'").fetchone() == (0,)
+    assert pg.execute("SELECT count FROM reports_by_form_daily WHERE form = 'assessment'"
+                      ).fetchone() == (1,)
+    assert_matches_rebuild(pg)
