@@ -1,0 +1,14 @@
+"""The model pipeline: models.yaml -> views, materialized views and tables, kept fresh.
+
+models.py reads and checks the file, graph.py resolves dependencies and order, apply.py makes
+the schema match (plan / apply), refresh.py keeps models up to date (refresh_once / loop).
+"""
+
+from chtsync.pipeline.apply import Plan, Step, apply, plan
+from chtsync.pipeline.graph import Model, Pipeline, load
+from chtsync.pipeline.refresh import RefreshResult, rebuild, refresh_loop, refresh_once
+
+__all__ = [
+    "Model", "Pipeline", "Plan", "RefreshResult", "Step", "apply", "load", "plan", "rebuild",
+    "refresh_loop", "refresh_once",
+]

@@ -1,0 +1,252 @@
+"""plan / apply: bring the schema's objects in line with models.yaml, in one transaction.
+
+Only objects recorded in chtsync_models are ever dropped or replaced; an existing object of a
+model's name that chtsync did not create is a conflict, replaced only with adopt=True. Views
+that other people built on a replaced object are saved and recreated in the same transaction.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from chtsync import db
+from chtsync.config import Config, ConfigError
+from chtsync.pipeline import graph
+from chtsync.pipeline.graph import Model, Pipeline
+from chtsync.pipeline.session import autocommit, first_line, q, value
+
+log = logging.getLogger("chtsync.pipeline")
+
+RELKIND = {"view": "v", "materialized_view": "m", "table": "r", "incremental": "r"}
+DROP = {"v": "VIEW", "m": "MATERIALIZED VIEW", "r": "TABLE", "p": "TABLE", "f": "FOREIGN TABLE"}
+CREATE = {"view": "VIEW", "materialized_view": "MATERIALIZED VIEW", "table": "TABLE",
+          "incremental": "TABLE"}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    action: str  # create | replace | drop | unchanged
+    kind: str
+    reason: str = ""
+    drops: bool = False  # an existing object is dropped (replace, or drop of chtsync's own)
+
+
+@dataclass
+class Plan:
+    steps: list[Step] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)  # existing objects chtsync did not create
+
+    def count(self, action: str) -> int:
+        return sum(1 for s in self.steps if s.action == action)
+
+    @property
+    def changed(self) -> bool:
+        return any(s.action != "unchanged" for s in self.steps)
+
+    def summary(self) -> str:
+        return ", ".join(f"{self.count(a)} to {a}" if a != "unchanged" else f"{self.count(a)} unchanged"
+                         for a in ("create", "replace", "drop", "unchanged"))
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    kind: str
+    hash: str
+
+
+def index_name(model: str, suffix: str) -> str:
+    return f"{model[:56]}_{suffix}"
+
+
+def _compute(conn: psycopg.Connection, pipeline: Pipeline) -> Plan:
+    recorded = {r[0]: _Recorded(r[1], r[2]) for r in conn.execute(q("recorded_models"))}
+    actual: dict[str, str] = dict(conn.execute(q("schema_relations")).fetchall())
+    plan = Plan()
+    steps: dict[str, Step] = {}
+    for m in pipeline.models.values():
+        rec, rel = recorded.get(m.name), actual.get(m.name)
+        if rel is not None and (rec is None or rel != RELKIND[rec.kind]):
+            plan.conflicts.append(m.name)
+            steps[m.name] = Step(m.name, "replace", m.kind,
+                                 f"existing {DROP[rel].lower()} not created by chtsync", drops=True)
+        elif rec is None:
+            steps[m.name] = Step(m.name, "create", m.kind, "new")
+        elif rel is None:
+            steps[m.name] = Step(m.name, "create", m.kind, "recorded but missing from the database")
+        elif rec.kind != m.kind:
+            steps[m.name] = Step(m.name, "replace", m.kind, f"kind {rec.kind} -> {m.kind}", drops=True)
+        elif rec.hash != m.hash:
+            upstream = [d for d in m.deps if steps[d].action != "unchanged"]
+            reason = f"upstream {', '.join(upstream)} changed" if upstream else "definition changed"
+            steps[m.name] = Step(m.name, "replace", m.kind, reason, drops=True)
+        else:
+            # Same definition, but rebuilt anyway if something it reads is being (re)created.
+            upstream = [d for d in m.deps if steps[d].action != "unchanged"]
+            steps[m.name] = (Step(m.name, "replace", m.kind, f"upstream {', '.join(upstream)} rebuilt", True)
+                             if upstream else Step(m.name, "unchanged", m.kind))
+    plan.steps = list(steps.values())
+    for name, rec in sorted(recorded.items()):
+        if name in pipeline.models:
+            continue
+        rel = actual.get(name)
+        if rel is None:
+            plan.steps.append(Step(name, "drop", rec.kind, "removed from models; already gone"))
+        elif rel != RELKIND[rec.kind]:
+            plan.steps.append(Step(name, "drop", rec.kind, "removed from models; the object there now"
+                                   " is not chtsync's, only the record is dropped"))
+        else:
+            plan.steps.append(Step(name, "drop", rec.kind, "removed from models", drops=True))
+    return plan
+
+
+def plan(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline | None = None) -> Plan:
+    """What apply would do, changing nothing."""
+    pipeline = pipeline or graph.load(cfg)
+    with autocommit(conn), conn.transaction():
+        return _compute(conn, pipeline)
+
+
+@dataclass
+class _SavedView:
+    schema: str
+    name: str
+    relkind: str
+    definition: str
+    indexes: list[str]
+    grants: list[dict]
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+
+def _dependents(conn: psycopg.Connection, targets: set[str]) -> tuple[list[str], list[_SavedView]]:
+    """The targets in a safe drop order (views first), and the views other people built on them,
+    saved in the order they must be recreated."""
+    rows = conn.execute(q("dependent_views"), (sorted(targets),)).fetchall()
+    drop_graph: dict[str, set[str]] = {t: set() for t in targets}
+    foreign: dict[int, tuple[str, str, str]] = {}
+    create_graph: dict[int, set[int]] = {}
+    for view_oid, nsp, relname, relkind, view_here, used_oid, used_name, used_here in rows:
+        if view_here and relname in targets:
+            if used_here and used_name in targets:
+                drop_graph[used_name].add(relname)  # the view goes first
+            continue
+        foreign[view_oid] = (nsp, relname, relkind)
+        create_graph.setdefault(view_oid, set()).add(used_oid)
+    saved = []
+    for oid in graphlib.TopologicalSorter(create_graph).static_order():
+        if oid not in foreign:
+            continue  # a relation the views read, not one of them
+        nsp, relname, relkind = foreign[oid]
+        definition, indexes, grants = conn.execute(q("view_definition"), {"oid": oid}).fetchone()
+        saved.append(_SavedView(nsp, relname, relkind, definition.strip().rstrip(";"), indexes, grants))
+    return list(graphlib.TopologicalSorter(drop_graph).static_order()), saved
+
+
+PRIVILEGE = re.compile(r"^[A-Z ]+$")
+
+
+def _restore(conn: psycopg.Connection, view: _SavedView) -> None:
+    kind = sql.SQL("MATERIALIZED VIEW" if view.relkind == "m" else "VIEW")
+    conn.execute(sql.SQL("CREATE {} {} AS ").format(kind, view.ident) + sql.SQL(view.definition))
+    for statement in view.indexes:
+        conn.execute(sql.SQL(statement))  # pg_get_indexdef: a complete, qualified CREATE INDEX
+    for grant in view.grants:
+        if not PRIVILEGE.match(grant["privilege"]):
+            raise ValueError(f"unexpected privilege {grant['privilege']!r}")
+        conn.execute(sql.SQL("GRANT {} ON {} TO {}{}").format(
+            sql.SQL(grant["privilege"]), view.ident,
+            sql.SQL("PUBLIC") if grant["grantee"] is None else sql.Identifier(grant["grantee"]),
+            sql.SQL(" WITH GRANT OPTION" if grant["grantable"] else "")))
+
+
+def create_model(conn: psycopg.Connection, model: Model) -> int | None:
+    """Create the model's object and indexes; return its row count (None for a view)."""
+    name = sql.Identifier(model.name)
+    suffix = sql.SQL(" WITH DATA" if model.kind == "materialized_view" else "")
+    cur = conn.execute(sql.SQL("CREATE {} {} AS ").format(sql.SQL(CREATE[model.kind]), name)
+                       + sql.SQL(model.sql) + suffix)
+    rows = None if model.kind == "view" else cur.rowcount
+    for i, ix in enumerate(model.spec.indexes):
+        conn.execute(sql.SQL("CREATE {}INDEX {} ON {} USING {} ({})").format(
+            sql.SQL("UNIQUE " if ix.unique else ""), sql.Identifier(index_name(model.name, f"ix{i}")),
+            name, sql.SQL(ix.method), sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
+    key = model.spec.unique_key[:1]
+    if model.kind == "incremental" and not any(
+            ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):
+        # Each run deletes by the key: without an index that is a scan of the whole table.
+        conn.execute(sql.SQL("CREATE INDEX {} ON {} ({})").format(
+            sql.Identifier(index_name(model.name, "key")), name, sql.Identifier(key[0])))
+    return rows
+
+
+def _conflict_error(plan: Plan) -> ConfigError:
+    return ConfigError(
+        "models apply: these objects exist but were not created by chtsync, so they are left"
+        f" alone: {', '.join(plan.conflicts)}. Rename the models, drop the objects, or run"
+        " `chtsync models apply --adopt` to replace them (in one transaction)"
+    )
+
+
+def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
+          pipeline: Pipeline | None = None) -> Plan:
+    """Create, replace and drop models so the schema matches models.yaml, all in one transaction
+    under the pipeline lock; return the plan carried out. Unchanged models are not touched."""
+    pipeline = pipeline or graph.load(cfg)
+    with autocommit(conn), conn.transaction():
+        conn.execute(q("pipeline_xact_lock"), (db.LOCK_CLASS, db.lock_key(cfg, "pipeline")))
+        plan = _compute(conn, pipeline)
+        if plan.conflicts and not adopt:
+            raise _conflict_error(plan)
+        if not plan.changed:
+            return plan
+        watermark = value(conn, "snapshot_xmin")
+        existing = dict(conn.execute(q("schema_relations")).fetchall())
+        targets = {s.name for s in plan.steps if s.drops}
+        drop_order, saved = _dependents(conn, targets) if targets else ([], [])
+        for name in drop_order:
+            _run(conn, name, sql.SQL("DROP {} {}").format(sql.SQL(DROP[existing[name]]), sql.Identifier(name)))
+        for step in plan.steps:
+            if step.action == "drop":
+                conn.execute(q("record_dropped"), (step.name,))
+            elif step.action in ("create", "replace"):
+                model = pipeline.models[step.name]
+                started = time.monotonic()
+                try:
+                    rows = create_model(conn, model)
+                except psycopg.Error as exc:
+                    raise ConfigError(f"model '{model.name}': {first_line(exc)}") from None
+                conn.execute(q("record_created"), {
+                    "name": model.name, "kind": model.kind, "hash": model.hash, "rows": rows,
+                    "ms": (time.monotonic() - started) * 1000,
+                    "watermark": None if model.kind == "view" else watermark})
+        for view in saved:
+            try:
+                _restore(conn, view)
+            except psycopg.Error as exc:
+                raise ConfigError(
+                    f"models apply: cannot recreate {view.schema}.{view.name}, a view built on a model"
+                    f" being replaced or dropped: {first_line(exc)}. Change or drop that view first"
+                ) from None
+    for step in plan.steps:
+        if step.action != "unchanged":
+            log.info("model %s name=%s kind=%s reason=%s", step.action, step.name, step.kind, step.reason)
+    return plan
+
+
+def _run(conn: psycopg.Connection, name: str, statement: sql.Composable) -> None:
+    try:
+        conn.execute(statement)
+    except psycopg.errors.DependentObjectsStillExist as exc:
+        detail = exc.diag.message_detail or ""
+        raise ConfigError(f"models apply: cannot drop '{name}': other objects depend on it: "
+                          f"{' '.join(detail.split())}") from None

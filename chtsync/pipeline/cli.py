@@ -1,0 +1,76 @@
+"""`chtsync models plan | apply | refresh | rebuild NAME`."""
+
+from __future__ import annotations
+
+import argparse
+
+from chtsync import db
+from chtsync.cli import load_config
+from chtsync.pipeline import apply as apply_mod
+from chtsync.pipeline import refresh as refresh_mod
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    models = sub.add_parser("models", help="create, change and refresh the SQL models")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    msub.required = True
+
+    p = msub.add_parser("plan", parents=[common], help="list what apply would create, replace or drop")
+    p.set_defaults(func=cmd_plan)
+
+    p = msub.add_parser("apply", parents=[common], help="make the schema match models.yaml (one transaction)")
+    p.add_argument("--adopt", action="store_true",
+                   help="replace existing objects of the models' names that chtsync did not create")
+    p.set_defaults(func=cmd_apply)
+
+    p = msub.add_parser("refresh", parents=[common], help="refresh the models whose inputs changed")
+    p.add_argument("--force", action="store_true", help="refresh every model, ignoring change checks and intervals")
+    p.set_defaults(func=cmd_refresh)
+
+    p = msub.add_parser("rebuild", parents=[common], help="recompute one model from scratch")
+    p.add_argument("name", help="the model's name")
+    p.set_defaults(func=cmd_rebuild)
+
+
+def _print_plan(plan: apply_mod.Plan) -> None:
+    for step in plan.steps:
+        print(f"{step.action:<10} {step.name:<32} {step.kind:<18} {step.reason}".rstrip())
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with db.connect(cfg) as conn:
+        plan = apply_mod.plan(cfg, conn)
+    _print_plan(plan)
+    if plan.conflicts:
+        print(f"not created by chtsync (apply needs --adopt): {', '.join(plan.conflicts)}")
+    print(plan.summary())
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with db.connect(cfg) as conn:
+        plan = apply_mod.apply(cfg, conn, adopt=args.adopt)
+    _print_plan(plan)
+    print(f"applied: {plan.summary()}" if plan.changed else "models are up to date")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with db.connect(cfg) as conn:
+        results = refresh_mod.refresh_once(cfg, conn, force=args.force)
+    for r in results:
+        rows = "" if r.rows is None else str(r.rows)
+        detail = r.error or ("" if r.changed is None else f"{r.changed} document(s) re-derived")
+        print(f"{r.status:<10} {r.name:<32} {rows:>10} {r.duration_ms:>8.0f} ms  {detail}".rstrip())
+    return 1 if any(r.status in ("error", "blocked", "unapplied") for r in results) else 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with db.connect(cfg) as conn:
+        r = refresh_mod.rebuild(cfg, conn, args.name)
+    print(f"rebuilt {r.name} ({r.kind}): {'' if r.rows is None else r.rows} rows in {r.duration_ms:.0f} ms")
+    return 0

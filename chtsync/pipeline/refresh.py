@@ -1,0 +1,303 @@
+"""Refreshing models: in dependency order, only those whose inputs changed, one transaction each.
+
+Change detection costs one index probe on the raw table's _xid per distinct watermark, so an
+idle system does no work and writes nothing. Incremental tables re-derive only the rows of
+documents written since their watermark (see docs/pipeline.md for why this is exact).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from chtsync import db
+from chtsync.config import Config, ConfigError
+from chtsync.pipeline import graph
+from chtsync.pipeline.graph import Model, Pipeline
+from chtsync.pipeline.session import autocommit, first_line, q, value
+
+log = logging.getLogger("chtsync.pipeline")
+
+# A refresh that needs an exclusive lock (plain REFRESH, TRUNCATE) waits at most this long for
+# readers; queued behind a long query it would block every new reader too. Retried next run.
+EXCLUSIVE_LOCK_TIMEOUT = "2s"
+DEBOUNCE = 0.2  # seconds: writes arriving together trigger one refresh
+STOP_GRACE = 3.0  # seconds a running refresh may take to finish once stop is set
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    name: str
+    kind: str
+    status: str  # ok | skipped (inputs unchanged) | waiting (interval) | error | blocked | unapplied
+    rows: int | None = None
+    changed: int | None = None  # incremental: documents re-derived
+    duration_ms: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class _State:
+    hash: str
+    watermark: int | None
+    seq: int | None
+    rows: int | None
+    age: float | None  # seconds since the last attempt
+
+
+def _states(conn: psycopg.Connection) -> dict[str, _State]:
+    return {
+        name: _State(h, None if wm is None else int(wm), seq, rows, age)
+        for name, h, wm, seq, rows, age in conn.execute(q("model_states"))
+    }
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    raw: bool
+    external: bool
+    models: frozenset[str]  # refreshed models read directly or through views
+
+
+def _inputs(pipeline: Pipeline) -> dict[str, _Inputs]:
+    out: dict[str, _Inputs] = {}
+    for m in pipeline.models.values():  # upstream first
+        raw, external, models = m.raw, m.external, set()
+        for dep in m.deps:
+            up = pipeline.models[dep]
+            if up.kind == "view":  # a view reads live data: look through it
+                raw, external = raw or out[dep].raw, external or out[dep].external
+                models |= out[dep].models
+            else:
+                models.add(dep)
+        out[m.name] = _Inputs(raw, external, frozenset(models))
+    return out
+
+
+def _incremental(conn: psycopg.Connection, cfg: Config, model: Model,
+                 state: _State) -> tuple[int, int | None]:
+    """Delete and re-derive the rows of documents written since the model's watermark."""
+    name, key, body = q_ident(model.name), q_ident(model.spec.unique_key[0]), psycopg.sql.SQL(model.sql)
+    if state.watermark is None:  # never built (or adopted): everything
+        conn.execute(q("truncate", model=name))
+        return conn.execute(q("full_insert", model=name, body=body)).rowcount, None
+    conn.execute(q("changed_ids_table"))
+    changed = conn.execute(q("changed_ids_fill", table=db.table_ident(cfg)), (str(state.watermark),)).rowcount
+    if changed == 0:
+        return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
+    conn.execute(q("changed_ids_analyze"))
+    deleted = conn.execute(q("incremental_delete", model=name, key=key)).rowcount
+    inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body)).rowcount
+    if state.rows is None:
+        return value(conn, "count_rows", model=name), changed
+    return state.rows - deleted + inserted, changed
+
+
+def q_ident(name: str) -> psycopg.sql.Identifier:
+    return psycopg.sql.Identifier(name)
+
+
+def _refresh_model(conn: psycopg.Connection, cfg: Config, model: Model,
+                   state: _State) -> tuple[int, int | None]:
+    """Bring one model up to date inside the caller's transaction; return (rows, changed)."""
+    name = q_ident(model.name)
+    if model.kind == "incremental":
+        return _incremental(conn, cfg, model, state)
+    if model.kind == "materialized_view" and any(ix.unique for ix in model.spec.indexes):
+        conn.execute(q("refresh_matview_concurrently", model=name))  # readers never wait
+    else:
+        conn.execute(q("local_lock_timeout"), (EXCLUSIVE_LOCK_TIMEOUT,))
+        if model.kind == "materialized_view":
+            conn.execute(q("refresh_matview", model=name))
+        else:
+            conn.execute(q("truncate", model=name))
+            return conn.execute(q("full_insert", model=name, body=psycopg.sql.SQL(model.sql))).rowcount, None
+    return value(conn, "count_rows", model=name), None
+
+
+def _record_failure(conn: psycopg.Connection, name: str, status: str, error: str, ms: float) -> None:
+    with conn.transaction():
+        conn.execute(q("record_refresh_failed"), {"name": name, "status": status, "error": error, "ms": ms})
+
+
+def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
+         should_stop: Callable[[], bool]) -> list[RefreshResult]:
+    # Taken before anything is read: whatever is not visible now is re-read next run.
+    watermark = int(value(conn, "snapshot_xmin"))
+    states = _states(conn)
+    inputs = _inputs(pipeline)
+    raw_changed: dict[int, bool] = {}
+    failed: dict[str, str] = {}  # model -> why its dependents are blocked
+    results: list[RefreshResult] = []
+    table = db.table_ident(cfg)
+
+    def raw_changed_since(wm: int) -> bool:
+        if wm not in raw_changed:
+            raw_changed[wm] = bool(value(conn, "raw_changed_since", (str(wm),), table=table))
+        return raw_changed[wm]
+
+    for model in pipeline.models.values():
+        if should_stop():
+            break
+        blocked = [d for d in model.deps if d in failed]
+        state = states.get(model.name)
+        if model.kind == "view":
+            if blocked:
+                failed[model.name] = "was not refreshed"
+            continue
+        if blocked:
+            error = f"not refreshed: upstream model {blocked[0]} {failed[blocked[0]]}"
+            failed[model.name] = "was not refreshed"
+            if state is not None:
+                _record_failure(conn, model.name, "blocked", error, 0.0)
+            results.append(RefreshResult(model.name, model.kind, "blocked", error=error))
+            continue
+        if state is None or state.hash != model.hash:
+            failed[model.name] = "is not applied"
+            results.append(RefreshResult(model.name, model.kind, "unapplied",
+                                         error="definition differs from the applied one: run `chtsync models apply`"))
+            continue
+        inp = inputs[model.name]
+        if not force:
+            if model.spec.interval and state.age is not None and state.age < model.spec.interval:
+                results.append(RefreshResult(model.name, model.kind, "waiting", rows=state.rows))
+                continue
+            upstream_newer = any((states[u].seq or 0) > (state.seq or 0) for u in inp.models)
+            changed = (state.watermark is None or inp.external or upstream_newer
+                       or (inp.raw and raw_changed_since(state.watermark)))
+            if not changed:
+                results.append(RefreshResult(model.name, model.kind, "skipped", rows=state.rows))
+                continue
+        # An incremental model read rows of its incremental upstreams as of their watermark:
+        # documents written after that are re-derived once the upstream has caught up.
+        new_wm = min([watermark] + [states[u].watermark or 0 for u in inp.models
+                                    if pipeline.models[u].kind == "incremental"])
+        started = time.monotonic()
+        try:
+            with conn.transaction():
+                rows, changed_docs = _refresh_model(conn, cfg, model, state)
+                ms = (time.monotonic() - started) * 1000
+                state.seq = value(conn, "record_refresh_ok", {
+                    "name": model.name, "ms": ms, "rows": rows, "watermark": str(new_wm)})
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise
+            ms = (time.monotonic() - started) * 1000
+            error = first_line(exc)
+            failed[model.name] = "failed"
+            _record_failure(conn, model.name, "error", error, ms)
+            log.warning("model refresh failed name=%s error=%s", model.name, error)
+            results.append(RefreshResult(model.name, model.kind, "error", duration_ms=ms, error=error))
+            continue
+        state.watermark, state.rows = new_wm, rows
+        log.info("model refreshed name=%s kind=%s rows=%s changed=%s ms=%.0f",
+                 model.name, model.kind, rows, changed_docs, ms)
+        results.append(RefreshResult(model.name, model.kind, "ok", rows, changed_docs, ms))
+    return results
+
+
+def refresh_once(cfg: Config, conn: psycopg.Connection, force: bool = False, *, wait: bool = True,
+                 pipeline: Pipeline | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> list[RefreshResult]:
+    """Refresh, in dependency order, every model whose inputs changed since its last refresh
+    (all of them with force=True, ignoring intervals too). A failing model is recorded and its
+    dependents skipped; the others go on. With wait=False, return [] at once when another
+    process holds the pipeline lock (it is refreshing or applying)."""
+    pipeline = pipeline or graph.load(cfg)
+    key = (db.LOCK_CLASS, db.lock_key(cfg, "pipeline"))
+    with autocommit(conn):
+        if wait:
+            conn.execute(q("pipeline_lock"), key)
+        elif not value(conn, "pipeline_try_lock", key):
+            return []
+        try:
+            return _run(cfg, conn, pipeline, force, should_stop)
+        finally:
+            with contextlib.suppress(psycopg.OperationalError):
+                conn.execute(q("pipeline_unlock"), key)
+
+
+def rebuild(cfg: Config, conn: psycopg.Connection, name: str) -> RefreshResult:
+    """Recompute one model from scratch in one transaction (an incremental table included)."""
+    pipeline = graph.load(cfg)
+    model = pipeline.models.get(name)
+    if model is None:
+        raise ConfigError(f"model '{name}' is not an enabled model of {cfg.models}")
+    started = time.monotonic()
+    with autocommit(conn), conn.transaction():
+        conn.execute(q("pipeline_xact_lock"), (db.LOCK_CLASS, db.lock_key(cfg, "pipeline")))
+        state = _states(conn).get(name)
+        if state is None or state.hash != model.hash:
+            raise ConfigError(f"model '{name}' differs from the applied one: run `chtsync models apply` first")
+        watermark = int(value(conn, "snapshot_xmin"))
+        if model.kind == "view":
+            return RefreshResult(name, model.kind, "ok")
+        target = q_ident(name)
+        if model.kind == "materialized_view":
+            conn.execute(q("refresh_matview", model=target))
+            rows = value(conn, "count_rows", model=target)
+        else:
+            conn.execute(q("truncate", model=target))
+            rows = conn.execute(q("full_insert", model=target, body=psycopg.sql.SQL(model.sql))).rowcount
+        ms = (time.monotonic() - started) * 1000
+        conn.execute(q("record_refresh_ok"), {"name": name, "ms": ms, "rows": rows, "watermark": str(watermark)})
+    log.info("model rebuilt name=%s kind=%s rows=%s ms=%.0f", name, model.kind, rows, ms)
+    return RefreshResult(name, model.kind, "ok", rows, None, ms)
+
+
+async def _wait_any(timeout: float | None, *events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event) -> None:
+    """The service's refresh: every cfg.refresh_interval seconds, and DEBOUNCE seconds after
+    `wake` is set (new rows committed), until `stop`. Errors are logged and retried."""
+    conn: psycopg.Connection | None = None
+    try:
+        while not stop.is_set():
+            wake.clear()
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = await asyncio.to_thread(db.connect, cfg, autocommit=True)
+                await _refresh_until_stop(cfg, conn, stop)
+            except (psycopg.Error, ConfigError) as exc:
+                log.warning("refresh: %s; retrying in %.0f s", first_line(exc), cfg.refresh_interval)
+                if conn is not None and (conn.broken or conn.closed):
+                    conn = None
+            await _wait_any(cfg.refresh_interval, stop, wake)
+            if wake.is_set() and not stop.is_set():
+                await _wait_any(DEBOUNCE, stop)
+    finally:
+        if conn is not None:
+            await asyncio.to_thread(conn.close)
+
+
+async def _refresh_until_stop(cfg: Config, conn: psycopg.Connection, stop: asyncio.Event) -> None:
+    """One refresh_once in a thread; once stop is set it may finish for STOP_GRACE seconds,
+    then its statement is cancelled."""
+    task = asyncio.ensure_future(asyncio.to_thread(
+        refresh_once, cfg, conn, wait=False, should_stop=stop.is_set))
+    await _wait_any(None, stop, _done_event(task))
+    if not task.done():
+        done, _ = await asyncio.wait([task], timeout=STOP_GRACE)
+        if not done:
+            conn.cancel_safe()
+    with contextlib.suppress(psycopg.errors.QueryCanceled):
+        await task
+
+
+def _done_event(task: asyncio.Future) -> asyncio.Event:
+    event = asyncio.Event()
+    task.add_done_callback(lambda _: event.set())
+    return event

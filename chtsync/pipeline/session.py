@@ -1,0 +1,42 @@
+"""Connection handling shared by apply and refresh."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import pq, sql
+
+from chtsync import queries
+
+
+@contextmanager
+def autocommit(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """Run with autocommit on, so that every `conn.transaction()` is a real BEGIN/COMMIT
+    (not a savepoint inside a transaction the caller left open) and locks end when we say."""
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        raise RuntimeError("the pipeline needs a connection with no transaction in progress")
+    previous = conn.autocommit
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+            conn.autocommit = previous
+
+
+def q(name: str, **identifiers: sql.Composable) -> sql.Composable:
+    """A named query of queries/pipeline.sql, identifiers filled in when it has any."""
+    return queries.compose(name, **identifiers) if identifiers else sql.SQL(queries.get(name))
+
+
+def value(conn: psycopg.Connection, name: str, params: Any = None, **identifiers: sql.Composable) -> Any:
+    row = conn.execute(q(name, **identifiers), params).fetchone()
+    return None if row is None else row[0]
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
