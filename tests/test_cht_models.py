@@ -15,17 +15,21 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from chtsync import db
 from tests.cht_fixtures import (
     MEDIC,
     META,
+    MODELS_YAML,
     ROOT,
     USERS,
     Feed,
     LocalPipeline,
+    engine_available,
     load_models,
     model_sql,
     ts,
 )
+from tests.conftest import make_config
 
 T = 1700006400  # 2023-11-15 00:00:00 UTC
 MS = 1000
@@ -429,16 +433,41 @@ def expected_initial() -> dict[str, list[dict[str, Any]]]:
 
 
 class Pipeline:
-    """The models of sql/models.yaml in the test database: the chtsync pipeline engine."""
+    """The models of sql/models.yaml in the test database, built and refreshed by the chtsync
+    pipeline engine (apply, then refresh_once with force: intervals ignored). Falls back to the
+    local stand-in of tests/cht_fixtures.py where the engine is not available."""
 
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self.local = LocalPipeline(conn)
+    def __init__(self, dbname: str, conn: psycopg.Connection) -> None:
+        self.engine = engine_available()
+        if self.engine:
+            self.cfg = make_config(dbname, CHTSYNC_MODELS=str(MODELS_YAML))
+            self.conn = db.connect(self.cfg, autocommit=True)
+        else:
+            self.local = LocalPipeline(conn)
 
     def apply(self) -> None:
-        self.local.apply()
+        if not self.engine:
+            return self.local.apply()
+        from chtsync import pipeline as engine
 
-    def refresh(self) -> None:
-        self.local.refresh()
+        engine.apply(self.cfg, self.conn)
+        return None
+
+    def refresh(self) -> dict[str, Any]:
+        """Refresh every model; return the engine's result per model ({} for the stand-in)."""
+        if not self.engine:
+            self.local.refresh()
+            return {}
+        from chtsync import pipeline as engine
+
+        results = engine.refresh_once(self.cfg, self.conn, force=True)
+        bad = [(r.name, r.status, r.error) for r in results if r.status not in ("ok", "skipped")]
+        assert bad == []
+        return {r.name: r for r in results}
+
+    def close(self) -> None:
+        if self.engine:
+            self.conn.close()
 
 
 @pytest.fixture
@@ -447,8 +476,10 @@ def feed(pg: psycopg.Connection) -> Feed:
 
 
 @pytest.fixture
-def pipeline(pg: psycopg.Connection) -> Iterator[Pipeline]:
-    yield Pipeline(pg)
+def pipeline(dbname: str, pg: psycopg.Connection) -> Iterator[Pipeline]:
+    p = Pipeline(dbname, pg)
+    yield p
+    p.close()
 
 
 def columns(pg: psycopg.Connection, name: str) -> list[tuple[str, str]]:
@@ -616,7 +647,10 @@ def test_models_initial_build_and_changes(pg: psycopg.Connection, feed: Feed,
     feed.delete(["p2", "r6", "org.couchdb.user:admin2"])
     feed.put([t1], source=META)
     feed.delete([FB2["_id"]], source=META)
-    pipeline.refresh()
+    results = pipeline.refresh()
+    if pipeline.engine:
+        # incremental tables re-derived only the documents written since the last refresh
+        assert results["contact"].changed == 13 and results["telemetry"].changed == 13
 
     exp = copy.deepcopy(expected)
     md = [r for r in exp["document_metadata"]
@@ -768,8 +802,8 @@ def test_models_through_the_sync_engine(couch, cfg_factory, pg: psycopg.Connecti
     followers give the same model rows as the ingest-level test."""
     from tests.syncutil import sync_once
 
-    for db in ("medic", "medic-users-meta"):
-        couch.create_db(db)
+    for name in ("medic", "medic-users-meta"):
+        couch.create_db(name)
     couch.bulk("medic", copy.deepcopy(MEDIC_DOCS))
     couch.delete("medic", "ghost")
     couch.bulk("medic-users-meta", copy.deepcopy([FB1, FB2, *TELEMETRY]))
