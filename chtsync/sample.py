@@ -198,6 +198,7 @@ class SampleCounts:
         return {
             "document_metadata": self.docs - self.refused,
             "contact": self.persons + self.places,
+            "contact_detail": self.persons + self.places,
             "contact_type": len(CONTACT_TYPES),
             "person": self.persons,
             "place": self.places,
