@@ -171,11 +171,13 @@ class TcpProxy:
         with self.lock:
             conns, self.conns = self.conns, []
         for s in conns:
-            try:
+            # shutdown first: close() alone does not wake a thread blocked in recv() on the
+            # socket, and the peer would never learn that the connection is gone.
+            with contextlib.suppress(OSError):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
         return len(conns) // 2
 
     def close(self) -> None:

@@ -1,0 +1,106 @@
+"""Faults during sync: kill -9 of the process, connections cut mid-stream. Real servers only;
+every test ends by asserting Postgres equals CouchDB exactly (ids, revisions, tombstones)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+
+from tests.conftest import PG_HOST, PG_PORT
+from tests.servers import ADMIN, CouchAdmin, TcpProxy
+from tests.syncutil import BackgroundSync, assert_equal, pg_state, sync_once, wait_until
+
+
+def load(couch: CouchAdmin, db: str, n: int, size: int = 600) -> None:
+    couch.create_db(db)
+    pad = "x" * size
+    for start in range(0, n, 1000):
+        couch.bulk(db, [{"_id": f"doc{i:06d}", "type": "data_record", "pad": pad}
+                        for i in range(start, min(n, start + 1000))])
+
+
+def chtsync_env(url: str, dbname: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, COUCHDB_URL=url, COUCHDB_USER=ADMIN[0], COUCHDB_PASSWORD=ADMIN[1],
+               COUCHDB_DBS="medic", POSTGRES_HOST=PG_HOST, POSTGRES_PORT=str(PG_PORT),
+               POSTGRES_USER="postgres", POSTGRES_DB=dbname, CHTSYNC_CONFIG=os.devnull)
+    env.update(extra)
+    return env
+
+
+def count(pg: psycopg.Connection) -> int:
+    return pg.execute("SELECT count(*) FROM couchdb").fetchone()[0]
+
+
+def test_kill_9_mid_sync_then_restart(couch: CouchAdmin, pouch_server, dbname: str, pg: psycopg.Connection) -> None:
+    n = 8000
+    load(couch, "medic", n)
+    env = chtsync_env(pouch_server.url, dbname, BATCH_SIZE="100")
+    for kills in range(1, 4):
+        proc = subprocess.Popen([sys.executable, "-m", "chtsync", "sync"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = count(pg)
+        try:
+            wait_until(lambda b=before, p=proc: count(pg) >= b + 1500 or p.poll() is not None,
+                       timeout=60, what="progress")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        if count(pg) >= n:
+            break
+        # Edits and deletes land between the crashes, as in a live deployment.
+        couch.delete(db="medic", doc_id=f"doc{kills:06d}")
+    result = subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert assert_equal(pg, couch, "medic", "127.0.0.1/medic") == n
+    assert pg.execute("SELECT count(*) FROM chtsync_errors").fetchone()[0] == 0
+
+
+def test_couchdb_and_postgres_connections_cut_mid_stream(
+    couch: CouchAdmin, pouch_server, cfg_factory, pg: psycopg.Connection
+) -> None:
+    n = 6000
+    load(couch, "medic", n)
+    couch_proxy = TcpProxy("127.0.0.1", pouch_server.port)
+    pg_proxy = TcpProxy(PG_HOST, PG_PORT)
+    cfg = cfg_factory("medic", url=f"http://127.0.0.1:{couch_proxy.port}",
+                      POSTGRES_PORT=str(pg_proxy.port), BATCH_SIZE="200")
+    try:
+        with BackgroundSync(cfg) as bg:
+            cuts = 0
+            deadline = time.monotonic() + 90
+            while count(pg) < n and time.monotonic() < deadline:
+                time.sleep(0.3)
+                proxy = couch_proxy if cuts % 2 == 0 else pg_proxy
+                cuts += 1 if proxy.cut() else 0
+                if cuts >= 6:
+                    break
+            # Keep writing while the connections come back.
+            doc = couch.get("medic", "doc000010")
+            doc["edited"] = True
+            couch.put("medic", doc)
+            wait_until(lambda: pg_state(pg, "127.0.0.1/medic").get("doc000010", ("",))[0] == couch.get(
+                "medic", "doc000010")["_rev"], timeout=90, what="recovery after cuts")
+            (stats,) = bg.stop_now()
+        assert cuts >= 4
+        assert stats.errors.get("couchdb", 0) + stats.errors.get("postgres", 0) >= 1
+        assert assert_equal(pg, couch, "medic", "127.0.0.1/medic") == n
+    finally:
+        couch_proxy.close()
+        pg_proxy.close()
+
+
+def test_resume_after_clean_stop_sends_stored_seq(couch: CouchAdmin, cfg_factory, pg: psycopg.Connection) -> None:
+    load(couch, "medic", 500)
+    cfg = cfg_factory("medic", BATCH_SIZE="100")
+    sync_once(cfg)
+    seq = pg.execute("SELECT seq FROM couchdb_progress").fetchone()[0]
+    assert seq == "500"
+    couch.put("medic", {"_id": "late", "type": "person"})
+    (stats,) = sync_once(cfg)
+    assert stats.docs_written == 1 and stats.pages == 1
