@@ -213,6 +213,8 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
         existing = dict(conn.execute(q("schema_relations")).fetchall())
         targets = {s.name for s in plan.steps if s.drops}
         drop_order, saved = _dependents(conn, targets) if targets else ([], [])
+        for view in reversed(saved):
+            conn.execute(sql.SQL("DROP {} {}").format(sql.SQL(DROP[view.relkind]), view.ident))
         for name in drop_order:
             _run(conn, name, sql.SQL("DROP {} {}").format(sql.SQL(DROP[existing[name]]), sql.Identifier(name)))
         for step in plan.steps:

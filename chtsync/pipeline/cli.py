@@ -6,8 +6,8 @@ import argparse
 
 from chtsync import db
 from chtsync.cli import load_config
-from chtsync.pipeline import apply as apply_mod
-from chtsync.pipeline import refresh as refresh_mod
+from chtsync.pipeline.apply import Plan, apply, plan
+from chtsync.pipeline.refresh import rebuild, refresh_once
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -32,35 +32,35 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_rebuild)
 
 
-def _print_plan(plan: apply_mod.Plan) -> None:
-    for step in plan.steps:
+def _print_plan(result: Plan) -> None:
+    for step in result.steps:
         print(f"{step.action:<10} {step.name:<32} {step.kind:<18} {step.reason}".rstrip())
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     with db.connect(cfg) as conn:
-        plan = apply_mod.plan(cfg, conn)
-    _print_plan(plan)
-    if plan.conflicts:
-        print(f"not created by chtsync (apply needs --adopt): {', '.join(plan.conflicts)}")
-    print(plan.summary())
+        result = plan(cfg, conn)
+    _print_plan(result)
+    if result.conflicts:
+        print(f"not created by chtsync (apply needs --adopt): {', '.join(result.conflicts)}")
+    print(result.summary())
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     with db.connect(cfg) as conn:
-        plan = apply_mod.apply(cfg, conn, adopt=args.adopt)
-    _print_plan(plan)
-    print(f"applied: {plan.summary()}" if plan.changed else "models are up to date")
+        result = apply(cfg, conn, adopt=args.adopt)
+    _print_plan(result)
+    print(f"applied: {result.summary()}" if result.changed else "models are up to date")
     return 0
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     with db.connect(cfg) as conn:
-        results = refresh_mod.refresh_once(cfg, conn, force=args.force)
+        results = refresh_once(cfg, conn, force=args.force)
     for r in results:
         rows = "" if r.rows is None else str(r.rows)
         detail = r.error or ("" if r.changed is None else f"{r.changed} document(s) re-derived")
@@ -71,6 +71,6 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 def cmd_rebuild(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     with db.connect(cfg) as conn:
-        r = refresh_mod.rebuild(cfg, conn, args.name)
+        r = rebuild(cfg, conn, args.name)
     print(f"rebuilt {r.name} ({r.kind}): {'' if r.rows is None else r.rows} rows in {r.duration_ms:.0f} ms")
     return 0

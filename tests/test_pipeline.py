@@ -1,0 +1,502 @@
+"""The pipeline engine on the real Postgres: models.yaml checks, dependency order, plan/apply
+(create, replace, drop, atomicity, object identity, adoption), refresh (skip when unchanged,
+failures, concurrent readers), incremental tables, the CLI and the service loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+
+from chtsync import cli, db, migrate, pipeline
+from chtsync.config import Config, ConfigError
+from chtsync.pipeline import graph
+from chtsync.pipeline.models import load_file
+from tests.conftest import make_config
+
+MEDIC = "host/medic"
+
+
+# --- helpers (the property test uses them too) -----------------------------------------------
+
+
+class Docs:
+    """Writes documents as the sync engine does: a _changes page through chtsync_ingest_v1."""
+
+    def __init__(self, conn: psycopg.Connection, table: str = "v1.couchdb") -> None:
+        self.conn = conn
+        self.table = table
+        self.revs: dict[tuple[str, str], int] = defaultdict(int)
+        self.seq = 0
+
+    def _page(self, results: list[dict[str, Any]], source: str, conn: psycopg.Connection | None) -> None:
+        self.seq += 1
+        page = {"results": results, "last_seq": str(self.seq)}
+        (conn or self.conn).execute(
+            "SELECT * FROM chtsync_ingest_v1(%s::regclass, %s, %s::jsonb, 1000)",
+            (self.table, source, json.dumps(page)))
+
+    def _rev(self, source: str, doc_id: str) -> str:
+        self.revs[(source, doc_id)] += 1
+        return f"{self.revs[(source, doc_id)]}-abc"
+
+    def put(self, *docs: dict[str, Any], source: str = MEDIC, conn: psycopg.Connection | None = None) -> None:
+        results = []
+        for doc in docs:
+            body = dict(doc, _rev=self._rev(source, doc["_id"]))
+            results.append({"seq": self.seq, "id": body["_id"], "changes": [{"rev": body["_rev"]}], "doc": body})
+        self._page(results, source, conn)
+
+    def delete(self, *ids: str, source: str = MEDIC, conn: psycopg.Connection | None = None) -> None:
+        results = []
+        for doc_id in ids:
+            rev = self._rev(source, doc_id)
+            results.append({"seq": self.seq, "id": doc_id, "deleted": True, "changes": [{"rev": rev}],
+                            "doc": {"_id": doc_id, "_rev": rev, "_deleted": True}})
+        self._page(results, source, conn)
+
+
+class ModelsFile:
+    """A models.yaml with its .sql files in a temporary folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.models: dict[str, dict[str, Any]] = {}
+        self.path = folder / "models.yaml"
+
+    def set(self, name: str, body: str, kind: str = "view", **props: Any) -> ModelsFile:
+        (self.folder / f"{name}.sql").write_text(body)
+        self.models[name] = {"name": name, "sql": f"{name}.sql", "kind": kind, **props}
+        return self.write()
+
+    def remove(self, name: str) -> ModelsFile:
+        del self.models[name]
+        return self.write()
+
+    def write(self) -> ModelsFile:
+        self.path.write_text(yaml.safe_dump({"models": list(self.models.values())}, sort_keys=False))
+        return self
+
+
+def oids(conn: psycopg.Connection, *names: str) -> dict[str, int | None]:
+    return {n: conn.execute("SELECT to_regclass(%s)::oid", (f"v1.{n}",)).fetchone()[0] for n in names}
+
+
+def records(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return {r["name"]: r for r in cur.execute("SELECT * FROM chtsync_models")}
+
+
+def diff_with_rebuild(conn: psycopg.Connection, model: graph.Model) -> int:
+    """Rows that differ between the model's table and a full recomputation of its SQL."""
+    name, body = sql.Identifier(model.name), sql.SQL(model.sql)
+    return conn.execute(sql.SQL(
+        "SELECT count(*) FROM ((TABLE {} EXCEPT ALL ({})) UNION ALL (({}) EXCEPT ALL TABLE {})) AS d"
+    ).format(name, body, body, name)).fetchone()[0]
+
+
+def by_name(results: list[pipeline.RefreshResult]) -> dict[str, pipeline.RefreshResult]:
+    return {r.name: r for r in results}
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> ModelsFile:
+    return ModelsFile(tmp_path)
+
+
+@pytest.fixture
+def cfg(dbname: str, models: ModelsFile) -> Config:
+    return make_config(dbname, CHTSYNC_MODELS=str(models.path))
+
+
+@pytest.fixture
+def docs(pg: psycopg.Connection) -> Docs:
+    return Docs(pg)
+
+
+# --- models.yaml and the graph (no database) ------------------------------------------------
+
+
+def order_of(models: ModelsFile, table: str = "couchdb") -> list[str]:
+    return list(graph.build(load_file(models.path), table).models)
+
+
+def test_order_from_inferred_and_explicit_dependencies(models: ModelsFile) -> None:
+    models.set("c", "SELECT * FROM b JOIN a USING (x)")
+    models.set("b", "WITH a AS (SELECT 1 AS x) SELECT x FROM a")  # a CTE, not the model a
+    models.set("a", "SELECT _id AS x FROM couchdb")
+    models.set("d", "SELECT 1 AS y FROM pg_catalog.pg_class LIMIT 1", depends_on=["c"])
+    order = order_of(models)
+    assert order.index("a") < order.index("c") and order.index("b") < order.index("c") < order.index("d")
+    built = graph.build(load_file(models.path))
+    assert built.models["b"].deps == () and not built.models["b"].raw
+    assert built.models["a"].raw and built.models["d"].external
+    assert built.models["c"].deps == ("b", "a")
+    assert built.downstream({"a"}) == {"a", "c", "d"}
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"a": "SELECT * FROM b", "b": "SELECT * FROM c", "c": "SELECT * FROM a"}, "cycle: "),
+    ({"a": "SELECT * FROM nowhere"}, "model 'a': the SQL reads 'nowhere', which is neither a model"),
+    ({"a": "SELECT * FROM a"}, "reads the model itself"),
+    ({"a": "SELECT 1; SELECT 2"}, "exactly one SELECT"),
+    ({"a": "SELEC 1"}, "model 'a': 'sql' is not valid SQL"),
+    ({"a": "DELETE FROM couchdb"}, "exactly one SELECT"),
+])
+def test_graph_errors(models: ModelsFile, files: dict[str, str], message: str) -> None:
+    for name, body in files.items():
+        models.set(name, body)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
+        order_of(models)
+    if message == "cycle: ":
+        assert all(n in str(err.value) for n in "abc")
+
+
+def test_unknown_explicit_dependency_and_disabled_model(models: ModelsFile) -> None:
+    models.set("a", "SELECT 1 AS x", depends_on=["ghost"])
+    with pytest.raises(ConfigError, match="model 'a': 'depends_on' names 'ghost'"):
+        order_of(models)
+    models.set("a", "SELECT * FROM b")
+    models.set("b", "SELECT 1 AS x", enabled=False)
+    with pytest.raises(ConfigError, match="'b', which is disabled"):
+        order_of(models)
+
+
+@pytest.mark.parametrize(("props", "message"), [
+    ({"kind": "table", "colour": "red"}, "model 'm': unknown key 'colour'"),
+    ({"kind": "mview"}, "model 'm': 'kind' must be one of"),
+    ({"kind": "incremental"}, "model 'm': 'unique_key' is required"),
+    ({"kind": "table", "sql": "missing.sql"}, "model 'm': 'sql': cannot read"),
+    ({"kind": "table", "indexes": [{"columns": ["x"], "method": "rtree"}]}, r"model 'm' indexes\[0\]: 'method'"),
+    ({"kind": "table", "indexes": [{"cols": ["x"]}]}, r"indexes\[0\]: unknown key 'cols'"),
+    ({"kind": "view", "indexes": [{"columns": ["x"]}]}, "a view cannot have indexes"),
+    ({"kind": "table", "interval": "often"}, "'interval' must be a positive number"),
+    ({"kind": "table", "depends_on": "a"}, "'depends_on' must be a list"),
+    ({"kind": "table", "name": "chtsync_models"}, "reserved"),
+])
+def test_models_file_errors(models: ModelsFile, props: dict[str, Any], message: str) -> None:
+    models.set("m", "SELECT 1 AS x")
+    models.models["m"].update(props)
+    models.write()
+    with pytest.raises(ConfigError, match=message):
+        load_file(models.path)
+
+
+def test_duplicate_names_and_file_shape(models: ModelsFile) -> None:
+    models.set("m", "SELECT 1 AS x")
+    models.path.write_text(yaml.safe_dump({"models": [models.models["m"], models.models["m"]]}))
+    with pytest.raises(ConfigError, match="model 'm': 'name' is used by two models"):
+        load_file(models.path)
+    models.path.write_text("model:\n  - name: m\n")
+    with pytest.raises(ConfigError, match="top-level key 'models'"):
+        load_file(models.path)
+
+
+def test_definition_hash_cascades_and_ignores_formatting(models: ModelsFile) -> None:
+    models.set("a", "SELECT _id FROM couchdb")
+    models.set("b", "SELECT * FROM a", kind="materialized_view")
+    models.set("c", "SELECT 1 AS one", tags=["x"])
+    before = {n: m.hash for n, m in graph.build(load_file(models.path)).models.items()}
+    models.set("a", "-- a comment\nselect   _id\n  from couchdb")
+    models.set("c", "SELECT 1 AS one", tags=["y"], interval=60, description="changed")
+    assert {n: m.hash for n, m in graph.build(load_file(models.path)).models.items()} == before
+    models.set("a", "SELECT _id, _rev FROM couchdb")
+    after = {n: m.hash for n, m in graph.build(load_file(models.path)).models.items()}
+    assert after["a"] != before["a"] and after["b"] != before["b"] and after["c"] == before["c"]
+
+
+# --- plan / apply ---------------------------------------------------------------------------
+
+
+def base_models(models: ModelsFile) -> None:
+    models.set("live", "SELECT _id, doc ->> 'type' AS type FROM couchdb WHERE NOT _deleted")
+    models.set("by_type", "SELECT type, count(*) AS n FROM live GROUP BY type", kind="materialized_view",
+               indexes=[{"columns": ["type"], "unique": True}])
+    models.set("snapshot", "SELECT _id, _rev FROM couchdb", kind="table",
+               indexes=[{"columns": ["_id"], "method": "hash"}])
+    models.set("person", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb"
+               " WHERE NOT _deleted AND doc ->> 'type' = 'person'", kind="incremental", unique_key=["uuid"])
+
+
+def test_plan_apply_create_replace_drop(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                         docs: Docs) -> None:
+    docs.put({"_id": "p1", "type": "person", "name": "Ann"}, {"_id": "x1", "type": "clinic"})
+    base_models(models)
+    plan = pipeline.plan(cfg, pg)
+    assert [(s.name, s.action) for s in plan.steps] == [
+        ("live", "create"), ("snapshot", "create"), ("person", "create"), ("by_type", "create")]
+    assert pipeline.apply(cfg, pg).changed
+    assert pg.execute("SELECT * FROM by_type ORDER BY type").fetchall() == [("clinic", 1), ("person", 1)]
+    assert pg.execute("SELECT uuid, name FROM person").fetchall() == [("p1", "Ann")]
+    assert pg.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'person'").fetchall() != []
+    rec = records(pg)
+    assert rec["person"]["last_status"] == "created" and rec["person"]["last_rows"] == 1
+    assert rec["snapshot"]["last_rows"] == 2 and rec["live"]["last_rows"] is None
+
+    # Nothing changed: nothing touched.
+    first = oids(pg, "live", "by_type", "snapshot", "person")
+    assert not pipeline.apply(cfg, pg).changed
+    assert records(pg)["person"]["created_at"] == rec["person"]["created_at"]
+
+    # A changed model is replaced with everything downstream; the others keep their identity.
+    models.set("live", "SELECT _id, doc ->> 'type' AS type FROM couchdb")
+    models.remove("snapshot")
+    plan = pipeline.plan(cfg, pg)
+    assert {s.name: s.action for s in plan.steps} == {
+        "live": "replace", "by_type": "replace", "person": "unchanged", "snapshot": "drop"}
+    assert "upstream live" in next(s.reason for s in plan.steps if s.name == "by_type")
+    pipeline.apply(cfg, pg)
+    second = oids(pg, "live", "by_type", "snapshot", "person")
+    assert second["person"] == first["person"]
+    assert second["live"] != first["live"] and second["by_type"] != first["by_type"]
+    assert second["snapshot"] is None and "snapshot" not in records(pg)
+
+
+def test_apply_is_atomic(pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs) -> None:
+    docs.put({"_id": "p1", "type": "person", "name": "Ann"})
+    base_models(models)
+    pipeline.apply(cfg, pg)
+    before, recorded = oids(pg, "live", "by_type", "snapshot", "person"), records(pg)
+    models.set("live", "SELECT _id FROM couchdb")  # by_type's GROUP BY type now fails
+    models.set("extra", "SELECT 1 AS x", kind="table")
+    with pytest.raises(ConfigError, match="model 'by_type': column \"type\" does not exist"):
+        pipeline.apply(cfg, pg)
+    assert oids(pg, "live", "by_type", "snapshot", "person", "extra") == {**before, "extra": None}
+    assert records(pg) == recorded
+    assert pg.execute("SELECT type FROM live").fetchall() == [("person",)]
+
+
+def test_foreign_objects_are_refused_then_adopted(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                                   docs: Docs) -> None:
+    docs.put({"_id": "p1", "type": "person", "name": "Ann"})
+    # As CHT Sync's dbt leaves it: a table of a model's name, with a dashboard view on it.
+    pg.execute("CREATE TABLE person AS SELECT 'old'::varchar AS uuid, 'Old'::text AS name")
+    pg.execute("CREATE SCHEMA dash")
+    pg.execute("CREATE VIEW dash.people AS SELECT uuid, name FROM v1.person")
+    pg.execute("GRANT SELECT ON dash.people TO PUBLIC")
+    base_models(models)
+    plan = pipeline.plan(cfg, pg)
+    assert plan.conflicts == ["person"]
+    with pytest.raises(ConfigError, match=r"not created by chtsync.*: person.*--adopt"):
+        pipeline.apply(cfg, pg)
+    assert oids(pg, "live")["live"] is None  # nothing was done
+    pipeline.apply(cfg, pg, adopt=True)
+    assert pg.execute("SELECT * FROM dash.people").fetchall() == [("p1", "Ann")]
+    assert pg.execute("SELECT has_table_privilege('public', 'dash.people', 'SELECT')").fetchone() == (True,)
+    assert records(pg)["person"]["kind"] == "incremental"
+    # Owned now: a change replaces it, the dashboard view is carried over again.
+    models.set("person", "SELECT _id AS uuid, upper(doc ->> 'name') AS name FROM couchdb"
+               " WHERE doc ->> 'type' = 'person'", kind="incremental", unique_key=["uuid"])
+    assert pipeline.plan(cfg, pg).conflicts == []
+    pipeline.apply(cfg, pg)
+    assert pg.execute("SELECT * FROM dash.people").fetchall() == [("p1", "ANN")]
+    # A view that cannot survive the change stops the apply with its name.
+    models.set("person", "SELECT _id AS uuid FROM couchdb", kind="incremental", unique_key=["uuid"])
+    with pytest.raises(ConfigError, match=r"cannot recreate dash\.people"):
+        pipeline.apply(cfg, pg)
+
+
+def test_other_schema_and_raw_table_name(pg: psycopg.Connection, dbname: str, models: ModelsFile) -> None:
+    cfg = make_config(dbname, POSTGRES_SCHEMA="alt", POSTGRES_TABLE="docs", CHTSYNC_MODELS=str(models.path))
+    migrate.apply(cfg)
+    Docs(pg, "alt.docs").put({"_id": "p1", "type": "person", "name": "Ann"})
+    models.set("names", "SELECT couchdb._id, c.doc ->> 'name' AS name FROM couchdb"
+               " JOIN couchdb AS c USING (_id)", kind="materialized_view")
+    with db.connect(cfg) as conn:
+        pipeline.apply(cfg, conn)
+        assert conn.execute("SELECT * FROM alt.names").fetchall() == [("p1", "Ann")]
+        conn.commit()
+        assert pipeline.refresh_once(cfg, conn, force=True)[0].status == "ok"
+    assert oids(pg, "names")["names"] is None  # nothing in v1
+
+
+# --- refresh --------------------------------------------------------------------------------
+
+
+def test_refresh_skips_unchanged_models(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                        docs: Docs) -> None:
+    docs.put({"_id": "p1", "type": "person", "name": "Ann"})
+    base_models(models)
+    models.set("names", "SELECT count(*) AS n FROM person", kind="materialized_view")  # over a table
+    models.set("hourly", "SELECT count(*) AS n FROM couchdb", kind="materialized_view", interval=3600)
+    pipeline.apply(cfg, pg)
+    created = records(pg)
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert {r.status for n, r in results.items() if n != "hourly"} == {"skipped"}
+    assert results["hourly"].status == "waiting"
+    assert "live" not in results  # views are always live
+    assert records(pg) == created  # an idle refresh writes nothing
+
+    docs.put({"_id": "p2", "type": "person", "name": "Bob"})
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert {n: r.status for n, r in results.items()} == {
+        "snapshot": "ok", "person": "ok", "by_type": "ok", "names": "ok", "hourly": "waiting"}
+    assert results["person"].changed == 1 and results["person"].rows == 2
+    after = records(pg)
+    assert after["names"]["last_refresh_at"] > created["names"]["last_refresh_at"]
+    assert after["names"]["last_rows"] == 1 and after["person"]["last_status"] == "ok"
+    assert pg.execute("SELECT n FROM names").fetchone() == (2,)
+    assert pg.execute("SELECT n FROM by_type").fetchone() == (2,)
+
+    # Again with nothing new: all skipped, records unchanged.
+    assert {r.status for r in pipeline.refresh_once(cfg, pg) if r.name != "hourly"} == {"skipped"}
+    assert records(pg) == after
+    forced = by_name(pipeline.refresh_once(cfg, pg, force=True))
+    assert {r.status for r in forced.values()} == {"ok"}
+    assert pg.execute("SELECT n FROM hourly").fetchone() == (2,)
+
+
+def test_failing_model_blocks_dependents_only(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                              docs: Docs) -> None:
+    docs.put({"_id": "a", "n": "1"})
+    models.set("numbers", "SELECT _id, (doc ->> 'n')::int AS n FROM couchdb", kind="table")
+    models.set("total", "SELECT sum(n) AS n FROM numbers", kind="materialized_view")
+    models.set("ids", "SELECT _id FROM couchdb", kind="incremental", unique_key=["_id"])
+    pipeline.apply(cfg, pg)
+    docs.put({"_id": "b", "n": "not a number"})
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["numbers"].status == "error" and "invalid input syntax" in results["numbers"].error
+    assert results["total"].status == "blocked" and "numbers" in results["total"].error
+    assert results["ids"].status == "ok" and results["ids"].rows == 2
+    rec = records(pg)
+    assert rec["numbers"]["last_status"] == "error" and "invalid input" in rec["numbers"]["last_error"]
+    assert rec["total"]["last_status"] == "blocked"
+    assert pg.execute("SELECT count(*) FROM numbers").fetchone() == (1,)  # old data kept
+    docs.put({"_id": "b", "n": "2"})
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["numbers"].status == results["total"].status == "ok"
+    assert pg.execute("SELECT n FROM total").fetchone() == (3,)
+    assert records(pg)["numbers"]["last_error"] is None
+
+
+def test_concurrent_refresh_does_not_block_a_reader(pg: psycopg.Connection, cfg: Config,
+                                                    models: ModelsFile, docs: Docs) -> None:
+    docs.put({"_id": "p1", "type": "person"})
+    base_models(models)
+    pipeline.apply(cfg, pg)
+    docs.put({"_id": "c1", "type": "clinic"})
+    reading, done = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with db.connect(cfg) as conn:  # one transaction until the end of the block
+            conn.execute("SELECT count(*) FROM by_type").fetchone()
+            reading.set()
+            conn.execute("SELECT pg_sleep(3)")
+        done.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert reading.wait(10)
+    started = time.monotonic()
+    result = by_name(pipeline.refresh_once(cfg, pg))["by_type"]
+    still_reading = not done.is_set()
+    thread.join()
+    assert result.status == "ok" and still_reading, time.monotonic() - started
+    assert dict(pg.execute("SELECT type, n FROM by_type").fetchall()) == {"person": 1, "clinic": 1}
+
+
+def test_incremental_follows_edits_deletes_and_filters(pg: psycopg.Connection, cfg: Config,
+                                                       models: ModelsFile, docs: Docs) -> None:
+    models.set("person", "SELECT _id AS uuid, source, doc ->> 'name' AS name FROM couchdb"
+               " WHERE NOT _deleted AND doc ->> 'type' = 'person'", kind="incremental",
+               unique_key=["uuid", "source"])
+    models.set("tag", "SELECT p.uuid, t AS tag FROM person AS p JOIN couchdb AS c ON c._id = p.uuid,"
+               " jsonb_array_elements_text(c.doc -> 'tags') AS t", kind="incremental", unique_key=["uuid"])
+    docs.put({"_id": "p1", "type": "person", "name": "Ann", "tags": ["a", "b"]},
+             {"_id": "p2", "type": "person", "name": "Bob", "tags": []})
+    docs.put({"_id": "p1", "type": "person", "name": "Ann (other)", "tags": ["c"]}, source="host/other")
+    pipeline.apply(cfg, pg)
+    built = graph.load(cfg).models
+    docs.put({"_id": "p2", "type": "clinic", "name": "Bob"}, {"_id": "p3", "type": "person", "name": "Cy",
+                                                              "tags": ["x"]})
+    docs.put({"_id": "p1", "type": "person", "name": "Annie", "tags": ["b"]})
+    docs.delete("p3")
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["person"].changed == 3
+    assert sorted(pg.execute("SELECT uuid, source, name FROM person").fetchall()) == [
+        ("p1", "host/medic", "Annie"), ("p1", "host/other", "Ann (other)")]
+    assert sorted(pg.execute("SELECT * FROM tag").fetchall()) == [("p1", "b"), ("p1", "b"), ("p1", "c"), ("p1", "c")]
+    assert diff_with_rebuild(pg, built["person"]) == diff_with_rebuild(pg, built["tag"]) == 0
+    assert records(pg)["person"]["last_rows"] == 2
+    # rebuild NAME recomputes from scratch (here: after someone damaged the table).
+    pg.execute("DELETE FROM person")
+    result = pipeline.rebuild(cfg, pg, "person")
+    assert result.rows == 2 and diff_with_rebuild(pg, built["person"]) == 0
+    with pytest.raises(ConfigError, match="'nope' is not an enabled model"):
+        pipeline.rebuild(cfg, pg, "nope")
+
+
+def test_refresh_needs_applied_definitions(pg: psycopg.Connection, cfg: Config, models: ModelsFile) -> None:
+    base_models(models)
+    pipeline.apply(cfg, pg)
+    models.set("snapshot", "SELECT _id FROM couchdb", kind="table")
+    result = by_name(pipeline.refresh_once(cfg, pg, force=True))["snapshot"]
+    assert result.status == "unapplied" and "models apply" in result.error
+    with pytest.raises(ConfigError, match="run `chtsync models apply` first"):
+        pipeline.rebuild(cfg, pg, "snapshot")
+
+
+def test_pipeline_lock_excludes_a_second_refresh(pg: psycopg.Connection, cfg: Config, models: ModelsFile) -> None:
+    base_models(models)
+    pipeline.apply(cfg, pg)
+    with db.connect(cfg, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", (db.LOCK_CLASS, db.lock_key(cfg, "pipeline")))
+        assert pipeline.refresh_once(cfg, pg, wait=False) == []
+    assert pipeline.refresh_once(cfg, pg, wait=False) != []
+
+
+def test_refresh_loop_wakes_on_new_data(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                        docs: Docs) -> None:
+    base_models(models)
+    pipeline.apply(cfg, pg)
+    slow = make_config(pg.info.dbname, CHTSYNC_MODELS=str(models.path), DATAEMON_INTERVAL="3600")
+
+    async def scenario() -> float:
+        stop, wake = asyncio.Event(), asyncio.Event()
+        loop = asyncio.create_task(pipeline.refresh_loop(slow, stop, wake))
+        await asyncio.sleep(0.5)  # the first round has run and found nothing to do
+        await asyncio.to_thread(docs.put, {"_id": "p9", "type": "person", "name": "Zoe"})
+        started = time.monotonic()
+        wake.set()
+        while (await asyncio.to_thread(pg.execute, "SELECT count(*) FROM person")).fetchone() == (0,):
+            assert time.monotonic() - started < 10
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+        return elapsed
+
+    assert asyncio.run(scenario()) < 10
+
+
+def test_cli(pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs,
+             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for key, value in {"POSTGRES_HOST": cfg.postgres.host, "POSTGRES_PORT": str(cfg.postgres.port),
+                       "POSTGRES_USER": cfg.postgres.user, "POSTGRES_DB": cfg.postgres.dbname,
+                       "COUCHDB_URL": "http://127.0.0.1:9", "CHTSYNC_MODELS": str(models.path)}.items():
+        monkeypatch.setenv(key, value or "")
+    monkeypatch.chdir(models.folder)
+    base_models(models)
+    pg.execute("CREATE TABLE snapshot (x int)")
+    assert cli.main(["models", "plan"]) == 0
+    out = capsys.readouterr().out
+    assert "create     live" in out and "apply needs --adopt): snapshot" in out
+    assert cli.main(["models", "apply"]) == 2
+    assert "--adopt" in capsys.readouterr().err
+    assert cli.main(["models", "apply", "--adopt"]) == 0
+    assert "applied: 3 to create, 1 to replace" in capsys.readouterr().out
+    docs.put({"_id": "p1", "type": "person"})
+    assert cli.main(["models", "refresh"]) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and "1 document(s) re-derived" in out
+    assert cli.main(["models", "rebuild", "person"]) == 0
+    assert "rebuilt person (incremental): 1 rows" in capsys.readouterr().out
