@@ -15,8 +15,11 @@ from chtsync.config import Config, ConfigError, load
 # A command function takes (args) and returns an exit code.
 COMMAND_MODULES = [
     "chtsync.commands",
+    "chtsync.status",
     "chtsync.superset",
     "chtsync.sample",
+    "chtsync.pipeline.cli",
+    "chtsync.demo",
 ]
 
 log = logging.getLogger("chtsync")

@@ -30,6 +30,8 @@ class Runtime:
 
     cfg: Config
     followers: list[Follower] = field(default_factory=list)
+    models: list[dict] = field(default_factory=list)  # model rows of `status`, for metrics
+    model_errors: dict[str, int] = field(default_factory=dict)
     postgres_ok: bool = False
     started_at: float = field(default_factory=time.time)
 
@@ -122,8 +124,11 @@ async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
             await tasks[0]
             stop.set()
         await stop.wait()
-        # Followers end at a page boundary; give everything a bounded time to finish.
-        _, pending = await asyncio.wait(tasks, timeout=8.0)
+        # Listening and metrics hold no data: end them now. Followers end at a page boundary
+        # and the refresh finishes its model; give those a bounded time.
+        for task in tasks[2:]:
+            task.cancel()
+        _, pending = await asyncio.wait(tasks[:2], timeout=8.0)
         for task in pending:
             task.cancel()
         for task in tasks:

@@ -1,0 +1,107 @@
+"""`chtsync run` end to end as a subprocess: real Postgres, real pouchdb-server, models refreshed
+by the service itself, status and metrics read while it runs, clean SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psycopg
+
+from tests.conftest import PG_HOST, PG_PORT
+from tests.servers import ADMIN, CouchAdmin, free_port
+from tests.syncutil import assert_equal, wait_until
+
+
+def report(i: int, form: str = "delivery") -> dict:
+    return {"_id": f"report-{i}", "type": "data_record", "form": form,
+            "reported_date": 1735689600000 + i * 60000, "contact": {"_id": "chw-1"}}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name}{{{want}}} not found")
+
+
+def test_run_end_to_end(couch: CouchAdmin, pouch_server, dbname: str, pg: psycopg.Connection, tmp_path) -> None:
+    couch.create_db("medic")
+    couch.bulk("medic", [report(i) for i in range(300)])
+    port = free_port()
+    env = dict(os.environ, COUCHDB_URL=pouch_server.url, COUCHDB_USER=ADMIN[0], COUCHDB_PASSWORD=ADMIN[1],
+               COUCHDB_DBS="medic", POSTGRES_HOST=PG_HOST, POSTGRES_PORT=str(PG_PORT), POSTGRES_USER="postgres",
+               POSTGRES_DB=dbname, METRICS_PORT=str(port), METRICS_HOST="127.0.0.1", CHTSYNC_CONFIG=os.devnull,
+               LOG_LEVEL="DEBUG")
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env, stdout=log, stderr=log)
+    try:
+        def models_have(n: int) -> bool:
+            try:
+                return pg.execute("SELECT count(*) FROM data_record").fetchone()[0] == n
+            except psycopg.errors.UndefinedTable:
+                return False
+
+        wait_until(lambda: models_have(300), timeout=60, what="initial models")
+        # A new report reaches the model through the service alone (no refresh call here).
+        couch.put("medic", report(1000, form="pnc_visit"))
+        took = wait_until(lambda: models_have(301), timeout=20, what="new report in data_record")
+        assert took < 10
+        # An edit and a delete too.
+        doc = couch.get("medic", "report-1")
+        doc["form"] = "edited_form"
+        couch.put("medic", doc)
+        couch.delete("medic", "report-2")
+        wait_until(lambda: models_have(300) and pg.execute(
+            "SELECT form FROM data_record WHERE uuid = 'report-1'").fetchone() == ("edited_form",),
+            timeout=20, what="edit and delete in data_record")
+
+        status = subprocess.run([sys.executable, "-m", "chtsync", "status", "--json"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        doc = json.loads(status.stdout)
+        (src,) = doc["sources"]
+        assert src["source"] == "127.0.0.1/medic" and src["state"] == "following"
+        assert src["docs"] == 300 and src["deleted"] == 1 and src["pending"] == 0
+        assert src["owner"] and src["lag_seconds"] == 0
+        models = {m["name"]: m for m in doc["models"]}
+        assert models["data_record"]["rows"] == 300 and models["data_record"]["status"] == "ok"
+
+        def metrics_text() -> str:
+            return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+        wait_until(lambda: metric(metrics_text(), "chtsync_model_rows", model="data_record") == 300,
+                   timeout=20, what="model rows metric")
+        text = metrics_text()
+        assert metric(text, "chtsync_source_up", source="127.0.0.1/medic") == 1
+        assert metric(text, "chtsync_docs_written_total", source="127.0.0.1/medic") == 303
+        assert metric(text, "chtsync_source_pending", source="127.0.0.1/medic") == 0
+        assert metric(text, "chtsync_source_seq_number", source="127.0.0.1/medic") == 303
+        assert metric(text, "chtsync_source_lag_seconds", source="127.0.0.1/medic") == 0
+        assert metric(text, "chtsync_model_last_success_timestamp", model="data_record") > time.time() - 120
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
+        assert ready.status_code == 200 and ready.json()["sources"] == {"127.0.0.1/medic": "following"}
+
+        # A last write, then SIGTERM: clean exit within 10 s and nothing lost.
+        couch.put("medic", report(2000))
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert_equal(pg, couch, "medic", "127.0.0.1/medic")
+    output = log_path.read_text()
+    assert "SIGTERM received" in output and "stopped" in output
+    # Secrets: the CouchDB password appears nowhere in a full debug run's output.
+    assert ADMIN[1] not in output + status.stdout + status.stderr + text
