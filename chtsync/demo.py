@@ -252,6 +252,8 @@ def _run(
         search=False,
     )
     summary.schema = cfg.schema
+    if counts.refused:
+        console.print(f"({counts.refused} sample document(s) are bad on purpose: expect a warning about them.)")
     asyncio.run(_live(args, console, cfg, data, summary, design_docs, pg))
     return summary
 
@@ -430,10 +432,17 @@ async def _fill(
     conn: psycopg.AsyncConnection, cfg: config.Config, summary: Summary, expected: dict[str, int], refused: int
 ) -> None:
     cur = await conn.execute(
-        sql.SQL("SELECT name, kind FROM {} ORDER BY name").format(sql.Identifier(cfg.schema, "chtsync_models"))
+        sql.SQL("SELECT name, kind, extract(epoch FROM now() - last_success_at)::int FROM {} ORDER BY name").format(
+            sql.Identifier(cfg.schema, "chtsync_models")
+        )
     )
-    for name, kind in await cur.fetchall():
-        summary.models[name] = {"kind": kind, "rows": await _rows(conn, cfg, name), "expected": expected.get(name)}
+    for name, kind, age in await cur.fetchall():
+        summary.models[name] = {
+            "kind": kind,
+            "rows": await _rows(conn, cfg, name),
+            "expected": expected.get(name),
+            "refreshed_s_ago": age,
+        }
     summary.errors = await _rows(conn, cfg, "chtsync_errors") or 0
     summary.expected_errors = refused
     summary.ok = summary.errors == refused and all(
@@ -450,17 +459,16 @@ def _print_summary(console: Console, summary: Summary, pg: EmbeddedPostgres, arg
     console.print(table)
 
     table = Table(title=f"Models in schema {summary.schema}", title_justify="left")
-    for column in ("model", "kind", "rows", "expected", ""):
+    for column in ("model", "kind", "refreshed", "rows", "expected", ""):
         table.add_column(column, justify="left" if column in ("model", "kind") else "right")
     for name, m in summary.models.items():
         rows = "-" if m["rows"] is None else f"{m['rows']:,}"
-        if m["expected"] is None:
-            table.add_row(name, m["kind"], rows, "", "")
-        else:
-            good = m["rows"] == m["expected"]
-            table.add_row(
-                name, m["kind"], rows, f"{m['expected']:,}", "[green]ok[/green]" if good else "[red]DIFF[/red]"
-            )
+        # Views are always current; materialized views refresh on their own interval.
+        age = "" if m["kind"] == "view" or m["refreshed_s_ago"] is None else f"{m['refreshed_s_ago']} s ago"
+        check = ("", "")
+        if m["expected"] is not None:
+            check = (f"{m['expected']:,}", "[green]ok[/green]" if m["rows"] == m["expected"] else "[red]DIFF[/red]")
+        table.add_row(name, m["kind"], age, rows, *check)
     console.print(table)
     mark = "[green]as expected[/green]" if summary.errors == summary.expected_errors else "[red]unexpected[/red]"
     console.print(

