@@ -22,6 +22,8 @@ from chtsync.couch import CouchClient
 from chtsync.follower import Follower, SourceStats
 
 log = logging.getLogger("chtsync.service")
+# libpq's words for connection failures that waiting will not cure.
+PERMANENT_CONNECT_ERRORS = ("authentication failed", "does not exist", "no pg_hba.conf entry")
 
 
 @dataclass
@@ -89,7 +91,10 @@ async def prepare(cfg: Config, *, models: bool = True) -> None:
                 await asyncio.to_thread(_apply_models, cfg)
             return
         except ConfigError as exc:
-            if "cannot connect to Postgres" not in str(exc):
+            # A server that is not up yet is waited for; a wrong password or database is not.
+            if "cannot connect to Postgres" not in str(exc) or any(
+                permanent in str(exc) for permanent in PERMANENT_CONNECT_ERRORS
+            ):
                 raise
             log.warning("%s; retrying in %.0f s", exc, delay)
             await asyncio.sleep(delay)

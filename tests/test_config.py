@@ -1,0 +1,120 @@
+"""Configuration: CHT Sync's variables, config.yaml, precedence, and one clear line per mistake."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chtsync.config import ConfigError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHT_SYNC_ENV = {  # an .env as CHT Sync's documentation writes it
+    "COUCHDB_USER": "medic", "COUCHDB_PASSWORD": "pass-word!", "COUCHDB_DBS": "medic medic-sentinel",
+    "COUCHDB_HOST": "cht.example.org", "COUCHDB_PORT": "443", "COUCHDB_SECURE": "true",
+    "POSTGRES_USER": "cht_sync", "POSTGRES_PASSWORD": "pg-pass", "POSTGRES_DB": "data",
+    "POSTGRES_TABLE": "couchdb", "POSTGRES_SCHEMA": "v1", "POSTGRES_HOST": "db", "POSTGRES_PORT": "5432",
+    "BATCH_SIZE": "100", "DATAEMON_INTERVAL": "5",
+}
+
+
+def test_cht_sync_env_works_unchanged() -> None:
+    cfg = load(env=CHT_SYNC_ENV, search=False)
+    (src,) = cfg.sources
+    assert src.url == "https://cht.example.org:443"
+    assert (src.user, src.password, src.dbs) == ("medic", "pass-word!", ("medic", "medic-sentinel"))
+    assert src.source_name("medic") == "cht.example.org/medic"  # what couch2pg wrote
+    assert cfg.postgres.conninfo_kwargs()["host"] == "db"
+    assert (cfg.schema, cfg.table, cfg.batch_size, cfg.refresh_interval) == ("v1", "couchdb", 100, 5.0)
+    assert "pass-word!" not in repr(cfg)
+    assert set(cfg.secrets()) == {"pass-word!", "pg-pass"}
+
+
+def test_defaults_and_the_shipped_config_file() -> None:
+    cfg = load(ROOT / "config.yaml", env={"COUCHDB_HOST": "couch"})
+    assert cfg.sources[0].url == "http://couch:5984" and cfg.sources[0].dbs == ("medic",)
+    assert (cfg.schema, cfg.table, cfg.batch_size, cfg.refresh_interval) == ("v1", "couchdb", 1000, 5.0)
+    assert cfg.metrics_port is None and cfg.log_format == "text"
+
+
+def test_env_wins_over_file_and_urls_carry_credentials(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("couchdb: {host: from-file, dbs: [medic]}\npostgres: {schema: fromfile}\n")
+    cfg = load(file, env={"COUCHDB_URL": "https://u%40x:p%3Aw@couch.example:6984/", "POSTGRES_SCHEMA": "env"})
+    src = cfg.sources[0]
+    assert (src.url, src.user, src.password) == ("https://couch.example:6984", "u@x", "p:w")
+    assert cfg.schema == "env"
+    cfg = load(env={"COUCHDB_HOST": "h", "POSTGRES_URL": "postgresql://a:b@pg.example:6543/cht?sslmode=require"},
+               search=False)
+    kw = cfg.postgres.conninfo_kwargs()
+    assert (kw["host"], kw["port"], kw["user"], kw["password"], kw["dbname"], kw["sslmode"]) == (
+        "pg.example", 6543, "a", "b", "cht", "require")
+
+
+def test_password_files(tmp_path: Path) -> None:
+    secret = tmp_path / "couch_pw"
+    secret.write_text("from-a-file\n")
+    cfg = load(env={"COUCHDB_HOST": "h", "COUCHDB_PASSWORD_FILE": str(secret)}, search=False)
+    assert cfg.sources[0].password == "from-a-file"
+    with pytest.raises(ConfigError, match="COUCHDB_PASSWORD_FILE: cannot read"):
+        load(env={"COUCHDB_HOST": "h", "COUCHDB_PASSWORD_FILE": str(tmp_path / "nope")}, search=False)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({}, "COUCHDB_HOST is not set"),
+    ({"COUCHDB_HOST": "h", "COUCHDB_PORT": "abc"}, "COUCHDB_PORT: expected a whole number, got 'abc'"),
+    ({"COUCHDB_HOST": "h", "COUCHDB_SECURE": "maybe"}, "COUCHDB_SECURE: expected true or false"),
+    ({"COUCHDB_HOST": "h", "COUCHDB_DBS": " , "}, "COUCHDB_DBS: list at least one"),
+    ({"COUCHDB_HOST": "h", "COUCHDB_DBS": "Medic"}, "'Medic' is not a valid CouchDB database name"),
+    ({"COUCHDB_HOST": "h", "POSTGRES_SCHEMA": "v1; drop"}, "POSTGRES_SCHEMA: 'v1; drop' is not a plain SQL name"),
+    ({"COUCHDB_HOST": "h", "BATCH_SIZE": "0"}, "BATCH_SIZE: must be between 1 and 10000"),
+    ({"COUCHDB_URL": "ftp://x"}, "COUCHDB_URL: expected http(s)://host:port"),
+    ({"COUCHDB_HOST": "h", "LOG_LEVEL": "loud"}, "LOG_LEVEL: expected DEBUG"),
+])
+def test_clear_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(env=env, search=False)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_mistakes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("couchdb: [oops\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: not valid YAML"):
+        load(bad, env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "missing.yaml", env={})
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("couchdb: {host: h, pasword: x}\nsync: {batch_sise: 5}\n")
+    with caplog.at_level(logging.WARNING):
+        load(typo, env={})
+    assert "unknown key 'couchdb.pasword' ignored (did you mean 'password'?)" in caplog.text
+    assert "unknown key 'sync.batch_sise' ignored (did you mean 'batch_size'?)" in caplog.text
+
+
+def test_cli_exit_code_2_and_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COUCHDB_", "POSTGRES_"))}
+    env["CHTSYNC_CONFIG"] = os.devnull
+    env["COUCHDB_HOST"] = "h"
+    env["COUCHDB_PORT"] = "99999"
+    r = subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "chtsync: COUCHDB_PORT: must be between 1 and 65535, got 99999"
+
+
+def test_unreachable_postgres_is_one_clear_line(tmp_path: Path) -> None:
+    env = dict(os.environ, CHTSYNC_CONFIG=os.devnull, COUCHDB_HOST="h", POSTGRES_HOST="127.0.0.1",
+               POSTGRES_PORT="1", POSTGRES_PASSWORD="pg-secret-xyz")
+    r = subprocess.run([sys.executable, "-m", "chtsync", "migrate"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chtsync: cannot connect to Postgres at 127.0.0.1:1")
+    assert "pg-secret-xyz" not in r.stderr
