@@ -462,7 +462,12 @@ def _print_summary(console: Console, summary: Summary, pg: EmbeddedPostgres, arg
         table.add_row(s["source"], f"{s['docs']:,}", f"{s['seconds']:.1f}", f"{s['docs_per_s']:,}")
     console.print(table)
 
-    table = Table(title=f"Models in schema {summary.schema}", title_justify="left")
+    table = Table(
+        title=f"Models in schema {summary.schema}",
+        title_justify="left",
+        caption="Materialized views refresh on their own interval (sql/models.yaml), not on every write.",
+        caption_justify="left",
+    )
     for column in ("model", "kind", "refreshed", "rows", "expected", ""):
         table.add_column(column, justify="left" if column in ("model", "kind") else "right")
     for name, m in summary.models.items():
