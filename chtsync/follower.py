@@ -134,6 +134,12 @@ class Follower:
                 self._count_error("postgres")
                 await self._set_state("retrying", db.describe_error(self.cfg, exc), write=False)
                 await self._sleep(backoff.next())
+            except Exception as exc:
+                # A bug or a surprise must not end the follower: report it loudly, retry.
+                self._count_error("internal")
+                log.exception("source=%s unexpected error", self.name)
+                await self._set_state("retrying", f"unexpected error: {exc!r}"[:500], write=False)
+                await self._sleep(backoff.next())
             finally:
                 await self._close()
         if self.done.is_set():

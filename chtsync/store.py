@@ -7,9 +7,12 @@ to split it down to the refused documents and record them in chtsync_errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +46,17 @@ class PageResult:
     changes: int
     written: int
     refused: int = 0
+
+
+@contextlib.contextmanager
+def _deep_json() -> Iterator[None]:
+    """CouchDB accepts documents nested thousands of levels deep; so must the split path."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20_000))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def strip_nul(body: bytes) -> bytes:
@@ -99,11 +113,12 @@ class Store:
     ) -> PageResult:
         """Store what Postgres accepts, record what it refuses, checkpoint: one transaction."""
         try:
-            page = json.loads(body)
+            with _deep_json():
+                page = json.loads(body)
             results = page["results"]
             if not isinstance(results, list):
                 raise TypeError("results is not a list")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             # Not a _changes page at all (truncated or garbled): nothing to checkpoint on.
             async with conn.transaction():
                 await conn.execute(self.q_error, (
@@ -135,7 +150,8 @@ class Store:
             part = stack.pop()
             if not part:
                 continue
-            text = json.dumps({"results": part, "last_seq": None}, ensure_ascii=False)
+            with _deep_json():
+                text = json.dumps({"results": part, "last_seq": None}, ensure_ascii=False)
             try:
                 async with conn.transaction():  # a savepoint inside the page's transaction
                     cur = await conn.execute(
@@ -153,7 +169,8 @@ class Store:
                 change = part[0]
                 doc_id = change.get("id") if isinstance(change, dict) else None
                 seq = change.get("seq") if isinstance(change, dict) else None
-                raw = json.dumps(change, ensure_ascii=True)[:RAW_LIMIT]
+                with _deep_json():
+                    raw = json.dumps(change, ensure_ascii=True)[:RAW_LIMIT]
                 await conn.execute(self.q_error, (
                     source, None if doc_id is None else str(doc_id),
                     None if seq is None else str(seq), _reason(exc), raw,

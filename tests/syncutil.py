@@ -29,13 +29,15 @@ class BackgroundSync:
         self.loop = asyncio.new_event_loop()
         self.stop = asyncio.Event()
         self.result: list[SourceStats] | None = None
+        self.runtime = service.Runtime(cfg)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._main, daemon=True)
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.result = self.loop.run_until_complete(service.follow_all(self.cfg, self.stop))
+            self.result = self.loop.run_until_complete(
+                service.follow_all(self.cfg, self.stop, runtime=self.runtime))
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 
@@ -46,6 +48,9 @@ class BackgroundSync:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_now()
+
+    def stats(self) -> list[SourceStats]:
+        return self.runtime.sources
 
     def stop_now(self, timeout: float = 15) -> list[SourceStats]:
         if self.thread.is_alive():

@@ -36,7 +36,8 @@ def count(pg: psycopg.Connection) -> int:
     return pg.execute("SELECT count(*) FROM couchdb").fetchone()[0]
 
 
-def test_kill_9_mid_sync_then_restart(couch: CouchAdmin, pouch_server, dbname: str, pg: psycopg.Connection) -> None:
+def test_kill_9_mid_sync_then_restart(couch: CouchAdmin, pouch_server, dbname: str, pg: psycopg.Connection,
+                                      fault_report) -> None:
     n = 8000
     load(couch, "medic", n)
     env = chtsync_env(pouch_server.url, dbname, BATCH_SIZE="100")
@@ -54,15 +55,19 @@ def test_kill_9_mid_sync_then_restart(couch: CouchAdmin, pouch_server, dbname: s
             break
         # Edits and deletes land between the crashes, as in a live deployment.
         couch.delete(db="medic", doc_id=f"doc{kills:06d}")
+    t = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert assert_equal(pg, couch, "medic", "127.0.0.1/medic") == n
+    r = fault_report(f"kill -9 during initial sync (x{kills}), restart", pg, couch, "medic", "127.0.0.1/medic",
+                     time.monotonic() - t)
+    assert (r.lost, r.duplicated) == (0, 0)
     assert pg.execute("SELECT count(*) FROM chtsync_errors").fetchone()[0] == 0
 
 
 def test_couchdb_and_postgres_connections_cut_mid_stream(
-    couch: CouchAdmin, pouch_server, cfg_factory, pg: psycopg.Connection
+    couch: CouchAdmin, pouch_server, cfg_factory, pg: psycopg.Connection, fault_report
 ) -> None:
     n = 6000
     load(couch, "medic", n)
@@ -84,12 +89,16 @@ def test_couchdb_and_postgres_connections_cut_mid_stream(
             doc = couch.get("medic", "doc000010")
             doc["edited"] = True
             couch.put("medic", doc)
+            t = time.monotonic()
             wait_until(lambda: pg_state(pg, "127.0.0.1/medic").get("doc000010", ("",))[0] == couch.get(
                 "medic", "doc000010")["_rev"], timeout=90, what="recovery after cuts")
+            recovered = time.monotonic() - t
             (stats,) = bg.stop_now()
         assert cuts >= 4
         assert stats.errors.get("couchdb", 0) + stats.errors.get("postgres", 0) >= 1
         assert assert_equal(pg, couch, "medic", "127.0.0.1/medic") == n
+        fault_report(f"CouchDB and Postgres connections reset mid-stream (x{cuts})", pg, couch, "medic",
+                     "127.0.0.1/medic", recovered)
     finally:
         couch_proxy.close()
         pg_proxy.close()
