@@ -1,0 +1,578 @@
+"""`chtsync verify [--repair]`: is Postgres equal to CouchDB? Compared without stopping the sync.
+
+Per source: counts first (GET /db beside count(*)), then ids and winning revisions in pages of
+`_all_docs` (no bodies), each page compared in Postgres in one statement. `_all_docs` is sorted
+by ICU collation, which Postgres cannot reproduce, so pages are compared as id sets and the ids
+seen are kept in a temporary table; live rows never seen are the candidates for "vanished"
+(purged, lost with a recreated database) or "stale" (the follower missed a deletion).
+
+Every candidate is then rechecked against both sides by id (POST _all_docs with keys), and
+rechecked again after the follower had a moment, until the differences stop moving: a change
+that was simply in flight while the scan ran is never reported.
+
+`--repair` fetches missing and stale documents (POST _all_docs?include_docs, bodies straight to
+Postgres) and writes them through chtsync_ingest_v1 without force, so a newer row is never
+overwritten; vanished rows become tombstones with a new _xid. One transaction per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+
+from chtsync import db, queries
+from chtsync.config import Config, CouchSource
+from chtsync.couch import CouchClient, CouchError, seq_number
+from chtsync.follower import OWNER
+from chtsync.store import is_data_error, strip_nul
+
+log = logging.getLogger("chtsync.verify")
+T = TypeVar("T")
+
+PAGE_SIZE = 10_000  # _all_docs rows per page: ~1 MB of ids and revisions
+RECHECK_BATCH = 2_000  # keys per POST _all_docs when rechecking candidates
+REPAIR_BATCH = 200  # documents (with bodies) per repair transaction
+VANISH_BATCH = 5_000  # tombstones per transaction
+MAX_ROUNDS = 6  # rechecks before differences that keep moving are reported anyway
+RETRY_SKIPPED_SECONDS = 600.0  # scheduled verify: retry a source that was catching up
+
+MISSING, STALE, VANISHED = "missing", "stale", "vanished"
+KINDS = (MISSING, STALE, VANISHED)
+
+# What one side holds for an id: (winning rev, deleted), or None when it has nothing.
+State = tuple[str, bool] | None
+
+
+@dataclass(frozen=True)
+class Diff:
+    id: str
+    kind: str
+    couch: State
+    pg: State
+
+
+def classify(doc_id: str, couch: State, pg: State) -> Diff | None:
+    """The difference between CouchDB's and Postgres's state of one document, if any."""
+    if couch is None or couch[1]:
+        # Gone or deleted in CouchDB: a tombstone (any revision) or nothing in Postgres is right.
+        if pg is None or pg[1]:
+            return None
+        return Diff(doc_id, STALE if couch else VANISHED, couch, pg)
+    if pg is None:
+        return Diff(doc_id, MISSING, couch, pg)
+    if pg[1] or pg[0] != couch[0]:
+        return Diff(doc_id, STALE, couch, pg)
+    return None
+
+
+@dataclass
+class SourceReport:
+    source: str
+    couch_docs: int | None = None
+    couch_deleted: int | None = None
+    pg_docs: int | None = None
+    pg_deleted: int | None = None
+    checked: int = 0  # _all_docs rows compared
+    candidates: int = 0  # ids the scan flagged, before rechecks (the rest were in flight)
+    found: dict[str, Diff] = field(default_factory=dict)  # confirmed differences
+    remaining: dict[str, Diff] = field(default_factory=dict)  # after repair (= found without)
+    repaired: int | None = None  # None: no repair asked
+    refused: int = 0  # documents Postgres refused during repair (see chtsync_errors)
+    error: str | None = None
+    skipped: str | None = None
+    started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    seconds: float = 0.0
+    couch_seconds: float = 0.0  # waiting for _all_docs pages
+    pg_seconds: float = 0.0  # comparing pages in Postgres
+    settle_seconds: float = 0.0  # waiting for the follower before rechecks
+
+    @property
+    def equal(self) -> bool:
+        return self.error is None and self.skipped is None and not self.remaining
+
+    def ids(self, kind: str, which: str = "found") -> list[str]:
+        diffs = self.found if which == "found" else self.remaining
+        return sorted(d.id for d in diffs.values() if d.kind == kind)
+
+    def count(self, kind: str, which: str = "found") -> int:
+        diffs = self.found if which == "found" else self.remaining
+        return sum(1 for d in diffs.values() if d.kind == kind)
+
+    def result(self) -> str:
+        if self.error:
+            return "error"
+        if self.skipped:
+            return "skipped"
+        if self.remaining:
+            return "different"
+        return "repaired" if self.found else "equal"
+
+    def as_json(self, max_ids: int) -> dict[str, Any]:
+        def kinds(which: str) -> dict[str, Any]:
+            return {k: {"count": self.count(k, which), "ids": self.ids(k, which)[:max_ids]} for k in KINDS}
+
+        return {
+            "source": self.source,
+            "result": self.result(),
+            "equal": self.equal,
+            "couch": {"docs": self.couch_docs, "deleted": self.couch_deleted},
+            "postgres": {"docs": self.pg_docs, "deleted": self.pg_deleted},
+            "checked": self.checked,
+            "candidates": self.candidates,
+            "found": kinds("found"),
+            "remaining": kinds("remaining"),
+            "repaired": self.repaired,
+            "refused": self.refused,
+            "error": self.error,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class Stopped(Exception):
+    """The service is shutting down: the verify is abandoned (nothing half-written)."""
+
+
+class SourceVerifier:
+    """Verify (and repair) one CouchDB database against its rows in Postgres."""
+
+    def __init__(
+        self, cfg: Config, conn: psycopg.AsyncConnection, client: CouchClient, dbname: str,
+        *, page_size: int = PAGE_SIZE, settle: float = 1.0, max_wait: float = 30.0,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.client = client
+        self.db = dbname
+        self.name = client.source.source_name(dbname)
+        self.regclass = f"{cfg.schema}.{cfg.table}"
+        self.page_size = max(2, page_size)  # start_key is inclusive: a page of 1 never moves
+        self.settle_s = settle
+        self.max_wait = max_wait
+        self.stop = stop or asyncio.Event()
+        table = db.table_ident(cfg)
+        self.q_page = queries.compose("verify_page", table=table)
+        self.q_unseen = queries.compose("verify_unseen", table=table)
+        self.q_rows = queries.compose("verify_rows", table=table)
+        self.q_counts = queries.compose("verify_counts", table=table)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Stopped
+
+    async def counts(self, report: SourceReport) -> None:
+        info = await self.client.db_info(self.db)
+        report.couch_docs, report.couch_deleted = info.doc_count, info.doc_del_count
+        cur = await self.conn.execute(self.q_counts, (self.name,))
+        row = await cur.fetchone()
+        assert row is not None
+        report.pg_docs, report.pg_deleted = row
+
+    async def scan(self, report: SourceReport) -> set[str]:
+        """Ids that may differ: page rows Postgres disagrees with, live rows no page listed."""
+        await self.conn.execute(queries.get("verify_seen_create"))
+        await self.conn.execute(queries.get("verify_seen_reset"))
+        candidates: set[str] = set()
+        last: str | None = None
+        # The next page is fetched while Postgres compares this one.
+        fetch: asyncio.Future[list[tuple[str, str]]] | None = asyncio.ensure_future(
+            self._page(None))
+        try:
+            while fetch is not None:
+                started = time.monotonic()
+                rows = await fetch
+                report.couch_seconds += time.monotonic() - started
+                fetch = None
+                self._check_stop()
+                if len(rows) >= self.page_size:
+                    fetch = asyncio.ensure_future(self._page(rows[-1][0]))
+                if rows and rows[0][0] == last:
+                    rows = rows[1:]  # the previous page's last row, listed again by start_key
+                if not rows:
+                    continue
+                last = rows[-1][0]
+                started = time.monotonic()
+                cur = await self.conn.execute(
+                    self.q_page, {"pairs": json.dumps(rows), "source": self.name})
+                candidates.update(r[0] for r in await cur.fetchall())
+                report.pg_seconds += time.monotonic() - started
+                report.checked += len(rows)
+        finally:
+            if fetch is not None:
+                fetch.cancel()
+                with contextlib.suppress(BaseException):
+                    await fetch
+        started = time.monotonic()
+        await self.conn.execute(queries.get("verify_seen_analyze"))
+        cur = await self.conn.execute(self.q_unseen, (self.name,))
+        candidates.update(r[0] for r in await cur.fetchall())
+        await self.conn.execute(queries.get("verify_seen_reset"))
+        report.pg_seconds += time.monotonic() - started
+        return candidates
+
+    async def _page(self, start_key: str | None) -> list[tuple[str, str]]:
+        return await self.client.all_docs_page(self.db, start_key, self.page_size)
+
+    async def current(self, ids: Sequence[str]) -> dict[str, Diff]:
+        """Differences among `ids` as both sides are now."""
+        diffs: dict[str, Diff] = {}
+        for batch in chunks(sorted(ids), RECHECK_BATCH):
+            self._check_stop()
+            couch = await self.client.revs_of(self.db, list(batch))
+            cur = await self.conn.execute(self.q_rows, (self.name, list(batch)))
+            pg: dict[str, State] = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+            for doc_id in batch:
+                diff = classify(doc_id, couch.get(doc_id), pg.get(doc_id))
+                if diff is not None:
+                    diffs[doc_id] = diff
+        return diffs
+
+    async def confirm(self, ids: Sequence[str] | set[str], report: SourceReport) -> dict[str, Diff]:
+        """Differences that hold still: rechecked until two checks, the follower given time
+        in between, agree (or MAX_ROUNDS passed: a document edited that often is reported)."""
+        diffs = await self.current(list(ids))
+        for _ in range(MAX_ROUNDS):
+            if not diffs:
+                break
+            started = time.monotonic()
+            await self.settle()
+            report.settle_seconds += time.monotonic() - started
+            again = await self.current(list(diffs))
+            stable = again == diffs
+            diffs = again
+            if stable:
+                break
+        return diffs
+
+    async def settle(self) -> None:
+        """Give the follower a moment: wait until its checkpoint reaches CouchDB's update_seq,
+        while it keeps moving (a source nobody follows is not waited for beyond `settle`)."""
+        target = seq_number((await self.client.db_info(self.db)).update_seq)
+        await self._sleep(self.settle_s)
+        deadline = time.monotonic() + self.max_wait
+        last: str | None = None
+        moved_at = time.monotonic()
+        while time.monotonic() < deadline:
+            cur = await self.conn.execute(queries.get("get_checkpoint"), (self.name,))
+            row = await cur.fetchone()
+            seq = row[0] if row else None
+            ours = seq_number(seq)
+            if target is None or (ours is not None and ours >= target):
+                return
+            if seq != last:
+                last, moved_at = seq, time.monotonic()
+            elif time.monotonic() - moved_at > self.settle_s:
+                return
+            await self._sleep(0.2)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        self._check_stop()
+
+    async def repair(self, diffs: dict[str, Diff]) -> tuple[int, int]:
+        """Write CouchDB's current documents for missing/stale ids, tombstone vanished rows.
+        Returns (rows written, documents refused)."""
+        written = refused = 0
+        fetch = sorted(d.id for d in diffs.values() if d.kind in (MISSING, STALE))
+        for batch in chunks(fetch, REPAIR_BATCH):
+            self._check_stop()
+            w, r = await self._repair_docs(list(batch))
+            written, refused = written + w, refused + r
+        gone = sorted([d.id, d.pg[0]] for d in diffs.values() if d.kind == VANISHED and d.pg)
+        for batch in chunks(gone, VANISH_BATCH):
+            self._check_stop()
+            async with self.conn.transaction():
+                cur = await self.conn.execute(
+                    queries.get("verify_mark_vanished"), (self.regclass, self.name, json.dumps(batch)))
+                row = await cur.fetchone()
+            written += row[0] if row else 0
+        return written, refused
+
+    async def _repair_docs(self, ids: list[str]) -> tuple[int, int]:
+        body = strip_nul(await self.client.fetch_docs(self.db, ids))
+        try:
+            async with self.conn.transaction():
+                cur = await self.conn.execute(
+                    queries.get("verify_repair_page"), (self.regclass, self.name, body.decode("utf-8")))
+                row = await cur.fetchone()
+            return (row[0] if row else 0), 0
+        except (psycopg.Error, UnicodeError) as exc:
+            if not is_data_error(exc):
+                raise
+            if len(ids) > 1:
+                # Halve down to the document Postgres refuses; the others are written.
+                half = len(ids) // 2
+                a = await self._repair_docs(ids[:half])
+                b = await self._repair_docs(ids[half:])
+                return a[0] + b[0], a[1] + b[1]
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            await self.conn.execute(queries.get("record_error"), (
+                self.name, ids[0], None, f"verify --repair: refused: {reason}", None))
+            log.warning("repair refused source=%s id=%s reason=%s", self.name, ids[0], reason)
+            return 0, 1
+
+    async def run(self, report: SourceReport, *, repair: bool) -> None:
+        await self.counts(report)
+        candidates = await self.scan(report)
+        report.candidates = len(candidates)
+        report.found = await self.confirm(candidates, report)
+        report.remaining = report.found
+        if repair:
+            report.repaired = 0
+            if report.found:
+                report.repaired, report.refused = await self.repair(report.found)
+                # Re-verify what was repaired; the rest was equal a moment ago.
+                report.remaining = await self.confirm(list(report.found), report)
+                await self.counts(report)
+
+
+async def verify(
+    cfg: Config, *, repair: bool = False, only: Sequence[str] = (), page_size: int = PAGE_SIZE,
+    settle: float = 1.0, max_wait: float = 30.0, stop: asyncio.Event | None = None,
+    skip_catching_up: bool = False, record: bool = True,
+) -> list[SourceReport]:
+    """Verify every configured database (or those named in `only`, by source or db name)."""
+    reports: list[SourceReport] = []
+    async with await db.connect_async(cfg, autocommit=True) as conn:
+        for couch_source in cfg.sources:
+            dbs = [d for d in couch_source.dbs
+                   if not only or d in only or couch_source.source_name(d) in only]
+            if not dbs:
+                continue
+            client = CouchClient(couch_source, read_timeout=300.0)
+            try:
+                for dbname in dbs:
+                    report = await _verify_one(
+                        cfg, conn, client, couch_source, dbname, repair=repair, page_size=page_size,
+                        settle=settle, max_wait=max_wait, stop=stop, skip_catching_up=skip_catching_up)
+                    reports.append(report)
+                    if record and report.skipped is None:
+                        await _record(conn, report)
+            finally:
+                await client.aclose()
+    return reports
+
+
+async def _verify_one(
+    cfg: Config, conn: psycopg.AsyncConnection, client: CouchClient, couch_source: CouchSource,
+    dbname: str, *, repair: bool, page_size: int, settle: float, max_wait: float,
+    stop: asyncio.Event | None, skip_catching_up: bool,
+) -> SourceReport:
+    name = couch_source.source_name(dbname)
+    report = SourceReport(name)
+    started = time.monotonic()
+    try:
+        if skip_catching_up:
+            cur = await conn.execute(queries.get("verify_pending"), (name,))
+            row = await cur.fetchone()
+            if row is None or row[0] is None or row[0] > 0:
+                report.skipped = "the follower is still catching up"
+                return report
+        verifier = SourceVerifier(cfg, conn, client, dbname, page_size=page_size, settle=settle,
+                                  max_wait=max_wait, stop=stop)
+        await verifier.run(report, repair=repair)
+    except CouchError as exc:
+        report.error = str(exc)
+    except psycopg.Error as exc:
+        report.error = db.describe_error(cfg, exc)
+    finally:
+        report.seconds = time.monotonic() - started
+    _log(report)
+    return report
+
+
+def _log(report: SourceReport) -> None:
+    counts = " ".join(f"{k}={report.count(k)}" for k in KINDS)
+    if report.error:
+        log.error("verify source=%s failed: %s", report.source, report.error)
+    elif report.skipped:
+        log.info("verify source=%s skipped: %s", report.source, report.skipped)
+    elif report.remaining:
+        left = " ".join(f"{k}={report.count(k, 'remaining')}" for k in KINDS)
+        log.warning("verify source=%s DIFFERENT %s repaired=%s left: %s (%.1f s)", report.source,
+                    counts, report.repaired, left, report.seconds)
+    else:
+        log.info("verify source=%s %s checked=%d %s repaired=%s (%.1f s)", report.source,
+                 report.result(), report.checked, counts, report.repaired, report.seconds)
+
+
+async def _record(conn: psycopg.AsyncConnection, report: SourceReport) -> None:
+    """Keep the outcome in chtsync_verify (best effort: a verify never fails on its record)."""
+    try:
+        await conn.execute(queries.get("verify_record"), {
+            "source": report.source, "started_at": report.started_at, "equal": report.equal,
+            "couch_docs": report.couch_docs, "couch_deleted": report.couch_deleted,
+            "pg_docs": report.pg_docs, "pg_deleted": report.pg_deleted,
+            "missing": report.count(MISSING), "stale": report.count(STALE),
+            "vanished": report.count(VANISHED), "repaired": report.repaired or 0,
+            "error": report.error, "owner": OWNER,
+        })
+    except psycopg.Error as exc:
+        log.warning("verify source=%s: result not recorded: %s", report.source, exc)
+
+
+def exit_code(reports: Sequence[SourceReport]) -> int:
+    """0 only when every source is equal; 2 when a source could not be verified; else 1."""
+    if any(r.error or r.skipped for r in reports):
+        return 2
+    return 0 if all(r.equal for r in reports) else 1
+
+
+# -- scheduled inside `chtsync run` ----------------------------------------------------------
+
+async def verify_loop(cfg: Config, stop: asyncio.Event) -> None:
+    """Verify and repair every cfg.verify_interval seconds (off when unset). The interval counts
+    from the last verify any replica finished (chtsync_verify), so restarts do not postpone it;
+    an advisory lock makes sure only one replica verifies at a time."""
+    if not cfg.verify_interval:
+        return
+    interval = cfg.verify_interval
+    last_attempt = time.time()
+    retry_at: float | None = None
+    while not stop.is_set():
+        try:
+            delay = await _next_delay(cfg, interval, last_attempt, retry_at)
+        except psycopg.Error as exc:
+            log.warning("verify schedule: %s", db.describe_error(cfg, exc))
+            delay = 60.0
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.0))
+        if stop.is_set():
+            return
+        last_attempt, retry_at = time.time(), None
+        try:
+            reports = await verify_locked(cfg, stop)
+        except Stopped:
+            return
+        except (psycopg.Error, OSError) as exc:
+            log.warning("scheduled verify failed: %s", db.describe_error(cfg, exc))
+            continue
+        if reports is None:
+            retry_at = time.time() + min(interval, 60.0)  # another replica is verifying
+        elif any(r.skipped for r in reports):
+            retry_at = time.time() + min(interval, RETRY_SKIPPED_SECONDS)
+
+
+async def _next_delay(cfg: Config, interval: float, last_attempt: float, retry_at: float | None) -> float:
+    if retry_at is not None:
+        return retry_at - time.time()
+    async with await db.connect_async(cfg, autocommit=True) as conn:
+        cur = await conn.execute(queries.get("verify_last_finished"))
+        row = await cur.fetchone()
+    finished = row[0].timestamp() if row and row[0] else 0.0
+    return max(finished, last_attempt) + interval - time.time()
+
+
+async def verify_locked(cfg: Config, stop: asyncio.Event | None = None) -> list[SourceReport] | None:
+    """Verify and repair under the advisory lock; None when another process holds it."""
+    key = (db.LOCK_CLASS, db.lock_key(cfg, "verify"))
+    async with await db.connect_async(cfg, autocommit=True) as lock_conn:
+        cur = await lock_conn.execute(queries.get("verify_try_lock"), key)
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            log.info("verify skipped: another chtsync process is verifying")
+            return None
+        try:
+            return await verify(cfg, repair=True, stop=stop, skip_catching_up=True)
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                await lock_conn.execute(queries.get("verify_unlock"), key)
+
+
+# -- command line ----------------------------------------------------------------------------
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "verify", parents=[common],
+        help="compare every CouchDB database with Postgres (ids and revisions); --repair fixes",
+        description="Compare each CouchDB database with Postgres without stopping the sync. "
+                    "Exit code 0 when equal, 1 when they differ, 2 when a database could not be "
+                    "verified.",
+    )
+    p.add_argument("--repair", action="store_true",
+                   help="fetch missing and stale documents, mark vanished ones deleted, re-verify")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--source", action="append", default=[], metavar="NAME",
+                   help="only this database (db name or instance/db); repeatable")
+    p.add_argument("--page-size", type=int, default=PAGE_SIZE, metavar="N",
+                   help=f"_all_docs rows per page (default {PAGE_SIZE})")
+    p.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
+                   help="time the live sync gets before differences are rechecked (default 1)")
+    p.add_argument("--max-ids", type=int, default=1000, metavar="N",
+                   help="ids listed per kind in --json output (default 1000)")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from chtsync.cli import load_config
+
+    cfg = load_config(args)
+    known = {d for s in cfg.sources for d in s.dbs} | {s.source_name(d) for s in cfg.sources for d in s.dbs}
+    unknown = [name for name in args.source if name not in known]
+    if unknown:
+        print(f"chtsync: --source {unknown[0]}: not a configured database ({', '.join(sorted(known))})",
+              file=sys.stderr)
+        return 2
+    try:
+        reports = asyncio.run(verify(
+            cfg, repair=args.repair, only=args.source, page_size=args.page_size, settle=args.settle))
+    except psycopg.OperationalError as exc:
+        print(f"chtsync: {db.describe_error(cfg, exc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({
+            "equal": all(r.equal for r in reports),
+            "repair": args.repair,
+            "sources": [r.as_json(args.max_ids) for r in reports],
+        }, indent=2))
+    else:
+        print_table(reports, repair=args.repair)
+    return exit_code(reports)
+
+
+def _pair(a: int | None, b: int | None) -> str:
+    return "-" if a is None else f"{a}/{b or 0}"
+
+
+def print_table(reports: Sequence[SourceReport], *, repair: bool, out: Any = None) -> None:
+    out = out or sys.stdout
+    width = max([len("source"), *(len(r.source) for r in reports)])
+    head = (f"{'source':<{width}}  {'couch docs/del':>15} {'pg docs/del':>15} {'missing':>8}"
+            f" {'stale':>6} {'vanished':>8} {'repaired':>8}  {'result':<9} {'time':>7}")
+    print(head, file=out)
+    for r in reports:
+        repaired = "-" if r.repaired is None else str(r.repaired)
+        print(f"{r.source:<{width}}  {_pair(r.couch_docs, r.couch_deleted):>15}"
+              f" {_pair(r.pg_docs, r.pg_deleted):>15} {r.count(MISSING):>8} {r.count(STALE):>6}"
+              f" {r.count(VANISHED):>8} {repaired:>8}  {r.result():<9} {r.seconds:>6.1f}s", file=out)
+    for r in reports:
+        if r.error or r.skipped:
+            print(f"  {r.source}: {r.error or r.skipped}", file=out)
+            continue
+        for kind in KINDS:
+            ids = r.ids(kind, "remaining" if repair else "found")
+            if ids:
+                more = f" … (+{len(ids) - 5})" if len(ids) > 5 else ""
+                label = f"{kind} (left after repair)" if repair else kind
+                print(f"  {r.source}: {label}: {', '.join(ids[:5])}{more}", file=out)
+        if r.refused:
+            print(f"  {r.source}: {r.refused} document(s) refused by Postgres (see chtsync_errors)",
+                  file=out)
