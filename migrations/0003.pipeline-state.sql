@@ -14,9 +14,10 @@ CREATE TABLE IF NOT EXISTS chtsync_models (
     last_rows bigint,
     last_status text,                 -- created | ok | error | blocked
     last_error text,
-    -- pg_snapshot_xmin at the start of the last successful refresh: raw rows written by any
-    -- transaction not visible then have _xid >= watermark
+    -- The snapshot taken at the start of the last successful refresh, and its xmin: a raw row
+    -- is new to the model when its _xid >= watermark and is not visible in that snapshot.
     watermark xid8,
+    snapshot pg_snapshot,
     -- position in the global order of refreshes: a model whose upstream has a higher number
     -- has inputs newer than its own data
     refresh_seq bigint

@@ -449,8 +449,10 @@ def test_pipeline_lock_excludes_a_second_refresh(pg: psycopg.Connection, cfg: Co
     base_models(models)
     pipeline.apply(cfg, pg)
     with db.connect(cfg, autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(%s, %s)", (db.LOCK_CLASS, db.lock_key(cfg, "pipeline")))
+        key = (db.LOCK_CLASS, db.lock_key(cfg, "pipeline"))
+        other.execute("SELECT pg_advisory_lock(%s, %s)", key)
         assert pipeline.refresh_once(cfg, pg, wait=False) == []
+        other.execute("SELECT pg_advisory_unlock(%s, %s)", key)
     assert pipeline.refresh_once(cfg, pg, wait=False) != []
 
 
@@ -500,3 +502,18 @@ def test_cli(pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs
     assert "ok" in out and "1 document(s) re-derived" in out
     assert cli.main(["models", "rebuild", "person"]) == 0
     assert "rebuilt person (incremental): 1 rows" in capsys.readouterr().out
+
+
+def test_idle_despite_a_long_transaction_elsewhere(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                                   docs: Docs) -> None:
+    """A transaction left open anywhere in the cluster holds the snapshot's xmin back; rows
+    committed after it started must still count as seen once a refresh has read them."""
+    base_models(models)
+    pipeline.apply(cfg, pg)
+    with db.connect(cfg) as other:
+        other.execute("SELECT pg_current_xact_id()")  # holds an xid until the end of the block
+        docs.put({"_id": "p1", "type": "person", "name": "Ann"})
+        assert by_name(pipeline.refresh_once(cfg, pg))["person"].status == "ok"
+        before = records(pg)
+        assert {r.status for r in pipeline.refresh_once(cfg, pg)} == {"skipped"}
+        assert records(pg) == before

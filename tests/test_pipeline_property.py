@@ -52,7 +52,7 @@ def setup(pg: psycopg.Connection, tmp_path: Path) -> tuple:
     return cfg, graph.load(cfg)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(op, max_size=25))
 def test_incremental_equals_rebuild(pg: psycopg.Connection, setup: tuple, ops: list[tuple]) -> None:
     cfg, built = setup

@@ -209,7 +209,7 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
             raise _conflict_error(plan)
         if not plan.changed:
             return plan
-        watermark = value(conn, "snapshot_xmin")
+        snapshot = value(conn, "current_snapshot")
         existing = dict(conn.execute(q("schema_relations")).fetchall())
         targets = {s.name for s in plan.steps if s.drops}
         drop_order, saved = _dependents(conn, targets) if targets else ([], [])
@@ -230,7 +230,7 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                 conn.execute(q("record_created"), {
                     "name": model.name, "kind": model.kind, "hash": model.hash, "rows": rows,
                     "ms": (time.monotonic() - started) * 1000,
-                    "watermark": None if model.kind == "view" else watermark})
+                    "snapshot": None if model.kind == "view" else snapshot})
         for view in saved:
             try:
                 _restore(conn, view)

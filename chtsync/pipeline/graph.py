@@ -164,6 +164,30 @@ def build(specs: list[ModelSpec], table: str = RAW) -> Pipeline:
     return Pipeline(models)
 
 
+def _texts(paths: list[Path]) -> tuple[str, ...] | None:
+    try:
+        return tuple(p.read_text() for p in paths)
+    except OSError:
+        return None  # load_file reports it
+
+
+# (models file, raw table) -> (texts the pipeline was built from, pipeline): the refresh loop
+# loads the models every few seconds, and parsing them costs far more than an idle refresh.
+_cache: dict[tuple[Path, str], tuple[tuple[str, ...], Pipeline]] = {}
+
+
 def load(cfg: Config, path: Path | None = None) -> Pipeline:
-    """The enabled models of the configured models file (or `path`), ready to apply."""
-    return build(load_file(path or cfg.models), cfg.table)
+    """The enabled models of the configured models file (or `path`), ready to apply; parsed
+    again only when the file or one of its .sql files changed."""
+    path = path or cfg.models
+    key = (path, cfg.table)
+    cached = _cache.get(key)
+    if cached is not None:
+        files = [path, *(m.spec.sql_path for m in cached[1].models.values())]
+        if _texts(files) == cached[0]:
+            return cached[1]
+    before = _texts([path])  # read before parsing: a change in between only causes a reload
+    pipeline = build(load_file(path), cfg.table)
+    if before is not None:
+        _cache[key] = (before + tuple(m.spec.sql for m in pipeline.models.values()), pipeline)
+    return pipeline

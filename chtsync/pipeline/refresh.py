@@ -1,8 +1,9 @@
 """Refreshing models: in dependency order, only those whose inputs changed, one transaction each.
 
-Change detection costs one index probe on the raw table's _xid per distinct watermark, so an
-idle system does no work and writes nothing. Incremental tables re-derive only the rows of
-documents written since their watermark (see docs/pipeline.md for why this is exact).
+The watermark is the snapshot taken at the start of a model's last refresh: raw rows written
+by transactions it did not see are new. Change detection costs one index probe on the raw
+table's _xid per distinct watermark, so an idle system does no work and writes nothing.
+Incremental tables re-derive only the rows of those documents (docs/pipeline.md: why exact).
 """
 
 from __future__ import annotations
@@ -42,10 +43,17 @@ class RefreshResult:
     error: str | None = None
 
 
+def _age(snapshot: str) -> tuple[int, int]:
+    """Orders snapshots by when they were taken: a later one has a higher xmax or, with the
+    same xmax (no xid assigned in between), fewer transactions still in progress."""
+    _xmin, xmax, xip = snapshot.split(":")
+    return int(xmax), -len([x for x in xip.split(",") if x])
+
+
 @dataclass
 class _State:
     hash: str
-    watermark: int | None
+    snapshot: str | None
     seq: int | None
     rows: int | None
     age: float | None  # seconds since the last attempt
@@ -53,8 +61,8 @@ class _State:
 
 def _states(conn: psycopg.Connection) -> dict[str, _State]:
     return {
-        name: _State(h, None if wm is None else int(wm), seq, rows, age)
-        for name, h, wm, seq, rows, age in conn.execute(q("model_states"))
+        name: _State(h, snap, seq, rows, age)
+        for name, h, snap, seq, rows, age in conn.execute(q("model_states"))
     }
 
 
@@ -82,13 +90,13 @@ def _inputs(pipeline: Pipeline) -> dict[str, _Inputs]:
 
 def _incremental(conn: psycopg.Connection, cfg: Config, model: Model,
                  state: _State) -> tuple[int, int | None]:
-    """Delete and re-derive the rows of documents written since the model's watermark."""
+    """Delete and re-derive the rows of documents written since the model's snapshot."""
     name, key, body = q_ident(model.name), q_ident(model.spec.unique_key[0]), psycopg.sql.SQL(model.sql)
-    if state.watermark is None:  # never built (or adopted): everything
+    if state.snapshot is None:  # never built: everything
         conn.execute(q("truncate", model=name))
         return conn.execute(q("full_insert", model=name, body=body)).rowcount, None
     conn.execute(q("changed_ids_table"))
-    changed = conn.execute(q("changed_ids_fill", table=db.table_ident(cfg)), (str(state.watermark),)).rowcount
+    changed = conn.execute(q("changed_ids_fill", table=db.table_ident(cfg)), {"snapshot": state.snapshot}).rowcount
     if changed == 0:
         return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
     conn.execute(q("changed_ids_analyze"))
@@ -129,18 +137,18 @@ def _record_failure(conn: psycopg.Connection, name: str, status: str, error: str
 def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
          should_stop: Callable[[], bool]) -> list[RefreshResult]:
     # Taken before anything is read: whatever is not visible now is re-read next run.
-    watermark = int(value(conn, "snapshot_xmin"))
+    snapshot = value(conn, "current_snapshot")
     states = _states(conn)
     inputs = _inputs(pipeline)
-    raw_changed: dict[int, bool] = {}
+    raw_changed: dict[str, bool] = {}
     failed: dict[str, str] = {}  # model -> why its dependents are blocked
     results: list[RefreshResult] = []
     table = db.table_ident(cfg)
 
-    def raw_changed_since(wm: int) -> bool:
-        if wm not in raw_changed:
-            raw_changed[wm] = bool(value(conn, "raw_changed_since", (str(wm),), table=table))
-        return raw_changed[wm]
+    def raw_changed_since(snap: str) -> bool:
+        if snap not in raw_changed:
+            raw_changed[snap] = bool(value(conn, "raw_changed_since", {"snapshot": snap}, table=table))
+        return raw_changed[snap]
 
     for model in pipeline.models.values():
         if should_stop():
@@ -169,22 +177,24 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
                 results.append(RefreshResult(model.name, model.kind, "waiting", rows=state.rows))
                 continue
             upstream_newer = any((states[u].seq or 0) > (state.seq or 0) for u in inp.models)
-            changed = (state.watermark is None or inp.external or upstream_newer
-                       or (inp.raw and raw_changed_since(state.watermark)))
+            changed = (state.snapshot is None or inp.external or upstream_newer
+                       or (inp.raw and raw_changed_since(state.snapshot)))
             if not changed:
                 results.append(RefreshResult(model.name, model.kind, "skipped", rows=state.rows))
                 continue
-        # An incremental model read rows of its incremental upstreams as of their watermark:
-        # documents written after that are re-derived once the upstream has caught up.
-        new_wm = min([watermark] + [states[u].watermark or 0 for u in inp.models
-                                    if pipeline.models[u].kind == "incremental"])
+        # An incremental model read its incremental upstreams as of their own snapshots (one may
+        # be waiting for its interval): keep the oldest, so that documents written since are
+        # re-derived here once the upstream has caught up.
+        new_snapshot = min([snapshot] + [states[u].snapshot for u in inp.models
+                                         if pipeline.models[u].kind == "incremental" and states[u].snapshot],
+                           key=_age)
         started = time.monotonic()
         try:
             with conn.transaction():
                 rows, changed_docs = _refresh_model(conn, cfg, model, state)
                 ms = (time.monotonic() - started) * 1000
                 state.seq = value(conn, "record_refresh_ok", {
-                    "name": model.name, "ms": ms, "rows": rows, "watermark": str(new_wm)})
+                    "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 raise
@@ -195,7 +205,7 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
             log.warning("model refresh failed name=%s error=%s", model.name, error)
             results.append(RefreshResult(model.name, model.kind, "error", duration_ms=ms, error=error))
             continue
-        state.watermark, state.rows = new_wm, rows
+        state.snapshot, state.rows = new_snapshot, rows
         log.info("model refreshed name=%s kind=%s rows=%s changed=%s ms=%.0f",
                  model.name, model.kind, rows, changed_docs, ms)
         results.append(RefreshResult(model.name, model.kind, "ok", rows, changed_docs, ms))
@@ -235,7 +245,7 @@ def rebuild(cfg: Config, conn: psycopg.Connection, name: str) -> RefreshResult:
         state = _states(conn).get(name)
         if state is None or state.hash != model.hash:
             raise ConfigError(f"model '{name}' differs from the applied one: run `chtsync models apply` first")
-        watermark = int(value(conn, "snapshot_xmin"))
+        snapshot = value(conn, "current_snapshot")
         if model.kind == "view":
             return RefreshResult(name, model.kind, "ok")
         target = q_ident(name)
@@ -246,7 +256,7 @@ def rebuild(cfg: Config, conn: psycopg.Connection, name: str) -> RefreshResult:
             conn.execute(q("truncate", model=target))
             rows = conn.execute(q("full_insert", model=target, body=psycopg.sql.SQL(model.sql))).rowcount
         ms = (time.monotonic() - started) * 1000
-        conn.execute(q("record_refresh_ok"), {"name": name, "ms": ms, "rows": rows, "watermark": str(watermark)})
+        conn.execute(q("record_refresh_ok"), {"name": name, "ms": ms, "rows": rows, "snapshot": snapshot})
     log.info("model rebuilt name=%s kind=%s rows=%s ms=%.0f", name, model.kind, rows, ms)
     return RefreshResult(name, model.kind, "ok", rows, None, ms)
 

@@ -13,9 +13,10 @@ SELECT pg_try_advisory_lock(%s, %s)
 -- name: pipeline_unlock
 SELECT pg_advisory_unlock(%s, %s)
 
--- name: snapshot_xmin
--- The refresh watermark: every transaction not visible to a snapshot taken now has an xid >= it.
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text
+-- name: current_snapshot
+-- The refresh watermark: rows written by transactions this snapshot does not see are the ones
+-- the next run must read (a late commit included: it is in the snapshot's in-progress list).
+SELECT pg_current_snapshot()::text
 
 -- name: recorded_models
 SELECT name, kind, definition_hash FROM chtsync_models
@@ -68,9 +69,11 @@ SELECT pg_get_viewdef(%(oid)s::oid),
 
 -- name: record_created
 INSERT INTO chtsync_models AS m (name, kind, definition_hash, created_at, last_refresh_at,
-    last_success_at, last_duration_ms, last_rows, last_status, last_error, watermark, refresh_seq)
+    last_success_at, last_duration_ms, last_rows, last_status, last_error, watermark, snapshot,
+    refresh_seq)
 VALUES (%(name)s, %(kind)s, %(hash)s, now(), now(), now(), %(ms)s, %(rows)s, 'created', NULL,
-        %(watermark)s, nextval('chtsync_models_refresh_seq'))
+        pg_snapshot_xmin(%(snapshot)s::pg_snapshot), %(snapshot)s::pg_snapshot,
+        nextval('chtsync_models_refresh_seq'))
 ON CONFLICT (name) DO UPDATE SET
     kind = excluded.kind,
     definition_hash = excluded.definition_hash,
@@ -82,6 +85,7 @@ ON CONFLICT (name) DO UPDATE SET
     last_status = excluded.last_status,
     last_error = NULL,
     watermark = excluded.watermark,
+    snapshot = excluded.snapshot,
     refresh_seq = excluded.refresh_seq
 
 -- name: record_dropped
@@ -89,20 +93,29 @@ DELETE FROM chtsync_models WHERE name = %s
 
 -- name: model_states
 -- Refresh state of every recorded model; `age` in seconds since the last attempt.
-SELECT name, definition_hash, watermark::text, refresh_seq, last_rows,
+SELECT name, definition_hash, snapshot::text, refresh_seq, last_rows,
        extract(epoch FROM now() - last_refresh_at)::float8 AS age
 FROM chtsync_models
 
 -- name: raw_changed_since
--- Cheap (the _xid index): has any transaction not visible at the watermark written a row?
-SELECT EXISTS (SELECT 1 FROM {table} WHERE _xid >= %s::xid8)
+-- Cheap (the _xid index): has a transaction the last refresh did not see written a row? Rows
+-- committed before that snapshot but above its xmin (a long transaction elsewhere in the
+-- cluster holds xmin back) are filtered out, so an idle system stays idle.
+SELECT EXISTS (
+    SELECT 1 FROM {table}
+    WHERE _xid >= pg_snapshot_xmin(%(snapshot)s::pg_snapshot)
+      AND NOT pg_visible_in_snapshot(_xid, %(snapshot)s::pg_snapshot)
+)
 
 -- name: changed_ids_table
 -- Per session; emptied at every commit, so a run never sees the previous model's ids.
 CREATE TEMP TABLE IF NOT EXISTS chtsync_changed_ids (id text NOT NULL) ON COMMIT DELETE ROWS
 
 -- name: changed_ids_fill
-INSERT INTO chtsync_changed_ids (id) SELECT DISTINCT _id FROM {table} WHERE _xid >= %s::xid8
+INSERT INTO chtsync_changed_ids (id)
+SELECT DISTINCT _id FROM {table}
+WHERE _xid >= pg_snapshot_xmin(%(snapshot)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(_xid, %(snapshot)s::pg_snapshot)
 
 -- name: changed_ids_analyze
 -- Without statistics the planner assumes a large table and scans the raw table.
@@ -141,7 +154,8 @@ UPDATE chtsync_models SET
     last_rows = %(rows)s,
     last_status = 'ok',
     last_error = NULL,
-    watermark = %(watermark)s,
+    watermark = pg_snapshot_xmin(%(snapshot)s::pg_snapshot),
+    snapshot = %(snapshot)s::pg_snapshot,
     refresh_seq = nextval('chtsync_models_refresh_seq')
 WHERE name = %(name)s
 RETURNING refresh_seq
