@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "chtsync.sample",
     "chtsync.pipeline.cli",
     "chtsync.demo",
+    "chtsync.verify",
 ]
 
 log = logging.getLogger("chtsync")

@@ -165,3 +165,33 @@ class CouchClient:
         if response.status_code != 200:
             raise CouchError(f"CouchDB at {self._where(db)} answered HTTP {response.status_code}")
         return response.content
+
+    async def revs_of(self, db: str, ids: list[str]) -> dict[str, tuple[str, bool] | None]:
+        """{id: (winning rev, deleted)} now, or None for ids CouchDB does not know (purged,
+        never created): POST _all_docs with keys, no bodies. Used by verify's recheck."""
+        try:
+            response = await self.http.post(
+                self._db_path(db) + "/_all_docs",
+                content=json.dumps({"keys": ids}),
+                headers={"Content-Type": "application/json"},
+            )
+        except httpx.TimeoutException:
+            raise CouchError(f"CouchDB at {self._where(db)} timed out") from None
+        except httpx.TransportError as exc:
+            raise CouchError(f"CouchDB at {self._where(db)} unreachable: {type(exc).__name__}") from None
+        if response.status_code in (401, 403):
+            raise CouchAuthError(
+                f"CouchDB at {self._where(db)} refused the credentials (HTTP {response.status_code})",
+                response.status_code,
+            )
+        if response.status_code == 404:
+            raise CouchNotFound(f"CouchDB database {self._where(db)} does not exist")
+        if response.status_code != 200:
+            raise CouchError(f"CouchDB at {self._where(db)} answered HTTP {response.status_code}",
+                             status=response.status_code)
+        found: dict[str, tuple[str, bool] | None] = dict.fromkeys(ids)
+        for row in response.json().get("rows", []):
+            value = row.get("value")
+            if isinstance(value, dict) and isinstance(row.get("id"), str) and "rev" in value:
+                found[row["id"]] = (str(value["rev"]), bool(value.get("deleted")))
+        return found
