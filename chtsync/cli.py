@@ -16,6 +16,7 @@ from chtsync.config import Config, ConfigError, load
 COMMAND_MODULES = [
     "chtsync.commands",
     "chtsync.status",
+    "chtsync.grant",
     "chtsync.superset",
     "chtsync.sample",
     "chtsync.pipeline.cli",

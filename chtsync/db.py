@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Any
 
@@ -9,6 +10,8 @@ import psycopg
 from psycopg import sql
 
 from chtsync.config import Config, ConfigError
+
+IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 # First key of every advisory lock chtsync takes (two-int form): 'chts' in ASCII.
 LOCK_CLASS = 0x63687473

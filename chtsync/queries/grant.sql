@@ -1,0 +1,24 @@
+-- Named queries of `chtsync grant-reader` ({schema}, {role}, {table} are quoted identifiers).
+
+-- name: role_exists
+SELECT 1 FROM pg_roles WHERE rolname = %s
+
+-- name: create_role
+CREATE ROLE {role} NOLOGIN
+
+-- name: set_login_password
+-- Utility statements take no bind parameters: {password} is a quoted literal.
+ALTER ROLE {role} LOGIN PASSWORD {password}
+
+-- name: grant_schema
+GRANT USAGE ON SCHEMA {schema} TO {role}
+
+-- name: grant_tables
+GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}
+
+-- name: grant_future_tables
+-- Models are dropped and recreated when their SQL changes: new objects must be readable too.
+ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT SELECT ON TABLES TO {role}
+
+-- name: revoke_table
+REVOKE ALL ON {table} FROM {role}
