@@ -18,6 +18,8 @@ log = logging.getLogger("chtsync")
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("migrate", parents=[common], help="create or upgrade chtsync's own tables")
     p.add_argument("--dry-run", action="store_true", help="list pending migrations, change nothing")
+    p.add_argument("--legacy-source", metavar="INSTANCE/DB",
+                   help="source for rows CHT Sync before 2.0 stored without one (docs/switching.md)")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("sync", parents=[common], help="follow every CouchDB database into Postgres")
@@ -33,12 +35,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def cmd_migrate(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if args.dry_run:
-        plan = migrate.plan(cfg)
+        plan = migrate.plan(cfg, args.legacy_source)
+        if plan.adoption is not None and (plan.adoption.changed or plan.adoption.layout != "chtsync"):
+            print("\n".join(plan.adoption.lines()))
         for mid in plan.pending:
             print(f"pending  {mid}")
         print(f"{len(plan.applied)} applied, {len(plan.pending)} pending (schema {cfg.schema})")
         return 0
-    applied = migrate.apply(cfg)
+    applied = migrate.apply(cfg, args.legacy_source)
     print(f"{len(applied)} migration(s) applied to schema {cfg.schema}" if applied
           else f"schema {cfg.schema} is up to date")
     return 0

@@ -7,14 +7,14 @@ setting `chtsync.table`, under a Postgres advisory lock so two processes never r
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg import sql
 from yoyo import read_migrations
 from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import DatabaseURI
 
-from chtsync import db, paths
+from chtsync import adopt, db, paths
 from chtsync.config import Config
 
 log = logging.getLogger("chtsync.migrate")
@@ -24,6 +24,8 @@ log = logging.getLogger("chtsync.migrate")
 class MigrationPlan:
     applied: list[str]
     pending: list[str]
+    # Taking over tables CHT Sync left (chtsync/adopt.py); runs before the migrations.
+    adoption: adopt.Adoption | None = field(default=None)
 
 
 class _Backend(PostgresqlPsycopgBackend):
@@ -59,24 +61,28 @@ def _ensure_schema(cfg: Config) -> None:
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(cfg.schema)))
 
 
-def plan(cfg: Config) -> MigrationPlan:
+def plan(cfg: Config, legacy_source: str | None = None) -> MigrationPlan:
     _ensure_schema(cfg)
+    with db.connect(cfg, autocommit=True) as conn:
+        adoption = adopt.inspect(cfg, conn, legacy_source)
     backend = _backend(cfg)
     try:
         migrations = read_migrations(str(paths.migrations_dir()))
         pending = backend.to_apply(migrations)
         applied = [m.id for m in migrations if m.id not in {p.id for p in pending}]
-        return MigrationPlan(applied=applied, pending=[m.id for m in pending])
+        return MigrationPlan(applied=applied, pending=[m.id for m in pending], adoption=adoption)
     finally:
         backend.connection.close()
 
 
-def apply(cfg: Config) -> list[str]:
-    """Apply pending migrations; return their ids. Safe to call from several processes."""
+def apply(cfg: Config, legacy_source: str | None = None) -> list[str]:
+    """Adopt CHT Sync's tables if there are any, apply pending migrations; return their ids.
+    Safe to call from several processes."""
     _ensure_schema(cfg)
     with db.connect(cfg, autocommit=True) as lock_conn:
         # Session-level lock: a second process waits here, then finds nothing left to do.
         lock_conn.execute("SELECT pg_advisory_lock(%s, %s)", (db.LOCK_CLASS, db.lock_key(cfg, "migrate")))
+        adopt.run(cfg, lock_conn, legacy_source)
         backend = _backend(cfg)
         try:
             migrations = read_migrations(str(paths.migrations_dir()))
