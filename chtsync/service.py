@@ -45,8 +45,9 @@ class Runtime:
 def make_followers(cfg: Config, stop: asyncio.Event, once: bool) -> tuple[list[Follower], list[CouchClient]]:
     followers, clients = [], []
     for source in cfg.sources:
-        # Longpoll waits are long; the read timeout only needs to outlast a heartbeat or two.
-        client = CouchClient(source, read_timeout=max(30.0, cfg.heartbeat_ms / 1000 * 3))
+        # A longpoll is kept alive by heartbeats; a busy server may skip a few, so the read
+        # timeout (which detects a dead connection) allows several.
+        client = CouchClient(source, read_timeout=max(60.0, cfg.heartbeat_ms / 1000 * 6))
         clients.append(client)
         followers += [Follower(cfg, source, name, client, stop, once=once) for name in source.dbs]
     return followers, clients
