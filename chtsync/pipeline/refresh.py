@@ -1,7 +1,7 @@
 """Refreshing models: in dependency order, only those whose inputs changed, one transaction each.
 
 The watermark is the snapshot taken at the start of a model's last refresh: raw rows written
-by transactions it did not see are new. Change detection costs one index probe on the raw
+by transactions it did not see are new. Change detection costs two index probes on the raw
 table's _xid per distinct watermark, so an idle system does no work and writes nothing.
 Incremental tables re-derive only the rows of those documents (docs/pipeline.md: why exact).
 """

@@ -98,24 +98,23 @@ SELECT name, definition_hash, snapshot::text, refresh_seq, last_rows,
 FROM chtsync_models
 
 -- name: raw_changed_since
--- Cheap (the _xid index): has a transaction the last refresh did not see written a row? Rows
--- committed before that snapshot but above its xmin (a long transaction elsewhere in the
--- cluster holds xmin back) are filtered out, so an idle system stays idle.
-SELECT EXISTS (
-    SELECT 1 FROM {table}
-    WHERE _xid >= pg_snapshot_xmin(%(snapshot)s::pg_snapshot)
-      AND NOT pg_visible_in_snapshot(_xid, %(snapshot)s::pg_snapshot)
-)
+-- Has a transaction the last refresh did not see written a row? Those are the transactions
+-- that started after its snapshot (xid >= xmax) or were in progress then (its xip list): two
+-- index probes on _xid, however old the oldest transaction running in the cluster is.
+SELECT EXISTS (SELECT 1 FROM {table} WHERE _xid >= pg_snapshot_xmax(%(snapshot)s::pg_snapshot))
+    OR EXISTS (SELECT 1 FROM {table}
+               WHERE _xid = ANY (ARRAY(SELECT pg_snapshot_xip(%(snapshot)s::pg_snapshot))))
 
 -- name: changed_ids_table
 -- Per session; emptied at every commit, so a run never sees the previous model's ids.
 CREATE TEMP TABLE IF NOT EXISTS chtsync_changed_ids (id text NOT NULL) ON COMMIT DELETE ROWS
 
 -- name: changed_ids_fill
+-- Documents written by transactions the model's snapshot did not see (as raw_changed_since).
 INSERT INTO chtsync_changed_ids (id)
-SELECT DISTINCT _id FROM {table}
-WHERE _xid >= pg_snapshot_xmin(%(snapshot)s::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(_xid, %(snapshot)s::pg_snapshot)
+SELECT _id FROM {table} WHERE _xid >= pg_snapshot_xmax(%(snapshot)s::pg_snapshot)
+UNION
+SELECT _id FROM {table} WHERE _xid = ANY (ARRAY(SELECT pg_snapshot_xip(%(snapshot)s::pg_snapshot)))
 
 -- name: changed_ids_analyze
 -- Without statistics the planner assumes a large table and scans the raw table.
