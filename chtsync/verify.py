@@ -1,10 +1,11 @@
 """`chtsync verify [--repair]`: is Postgres equal to CouchDB? Compared without stopping the sync.
 
 Per source: counts first (GET /db beside count(*)), then ids and winning revisions in pages of
-`_all_docs` (no bodies), each page compared in Postgres in one statement. `_all_docs` is sorted
-by ICU collation, which Postgres cannot reproduce, so pages are compared as id sets and the ids
-seen are kept in a temporary table; live rows never seen are the candidates for "vanished"
-(purged, lost with a recreated database) or "stale" (the follower missed a deletion).
+`_all_docs` (no bodies), each page sent to Postgres as one jsonb parameter into a temporary
+table, compared with the raw table in one join at the end. `_all_docs` is sorted by ICU
+collation, which Postgres cannot reproduce, so no key ranges are compared; live rows no page
+listed are the candidates for "vanished" (purged, lost with a recreated database) or "stale"
+(the follower missed a deletion).
 
 Every candidate is then rechecked against both sides by id (POST _all_docs with keys), and
 rechecked again after the follower had a moment, until the differences stop moving: a change
@@ -168,8 +169,7 @@ class SourceVerifier:
         self.max_wait = max_wait
         self.stop = stop or asyncio.Event()
         table = db.table_ident(cfg)
-        self.q_page = queries.compose("verify_page", table=table)
-        self.q_unseen = queries.compose("verify_unseen", table=table)
+        self.q_diff = queries.compose("verify_diff", table=table)
         self.q_rows = queries.compose("verify_rows", table=table)
         self.q_counts = queries.compose("verify_counts", table=table)
 
@@ -186,12 +186,12 @@ class SourceVerifier:
         report.pg_docs, report.pg_deleted = row
 
     async def scan(self, report: SourceReport) -> set[str]:
-        """Ids that may differ: page rows Postgres disagrees with, live rows no page listed."""
+        """Ids that may differ: all _all_docs pages into a temporary table, then one join."""
         await self.conn.execute(queries.get("verify_seen_create"))
         await self.conn.execute(queries.get("verify_seen_reset"))
-        candidates: set[str] = set()
+        q_page = queries.get("verify_page")
         last: str | None = None
-        # The next page is fetched while Postgres compares this one.
+        # The next page is fetched while Postgres stores this one.
         fetch: asyncio.Future[list[tuple[str, str]]] | None = asyncio.ensure_future(
             self._page(None))
         try:
@@ -209,9 +209,7 @@ class SourceVerifier:
                     continue
                 last = rows[-1][0]
                 started = time.monotonic()
-                cur = await self.conn.execute(
-                    self.q_page, {"pairs": json.dumps(rows), "source": self.name})
-                candidates.update(r[0] for r in await cur.fetchall())
+                await self.conn.execute(q_page, (json.dumps(rows),))
                 report.pg_seconds += time.monotonic() - started
                 report.checked += len(rows)
         finally:
@@ -221,8 +219,8 @@ class SourceVerifier:
                     await fetch
         started = time.monotonic()
         await self.conn.execute(queries.get("verify_seen_analyze"))
-        cur = await self.conn.execute(self.q_unseen, (self.name,))
-        candidates.update(r[0] for r in await cur.fetchall())
+        cur = await self.conn.execute(self.q_diff, (self.name,))
+        candidates = {r[0] for r in await cur.fetchall()}
         await self.conn.execute(queries.get("verify_seen_reset"))
         report.pg_seconds += time.monotonic() - started
         return candidates
