@@ -43,11 +43,19 @@ class RefreshResult:
     error: str | None = None
 
 
+def _xip(snapshot: str) -> list[str]:
+    """The transactions in progress when the snapshot ('xmin:xmax:xip,...') was taken."""
+    return [x for x in snapshot.split(":")[2].split(",") if x]
+
+
 def _age(snapshot: str) -> tuple[int, int]:
     """Orders snapshots by when they were taken: a later one has a higher xmax or, with the
     same xmax (no xid assigned in between), fewer transactions still in progress."""
-    _xmin, xmax, xip = snapshot.split(":")
-    return int(xmax), -len([x for x in xip.split(",") if x])
+    return int(snapshot.split(":")[1]), -len(_xip(snapshot))
+
+
+def _since(snapshot: str) -> dict[str, object]:
+    return {"snapshot": snapshot, "xip": _xip(snapshot)}
 
 
 @dataclass
@@ -96,7 +104,7 @@ def _incremental(conn: psycopg.Connection, cfg: Config, model: Model,
         conn.execute(q("truncate", model=name))
         return conn.execute(q("full_insert", model=name, body=body)).rowcount, None
     conn.execute(q("changed_ids_table"))
-    changed = conn.execute(q("changed_ids_fill", table=db.table_ident(cfg)), {"snapshot": state.snapshot}).rowcount
+    changed = conn.execute(q("changed_ids_fill", table=db.table_ident(cfg)), _since(state.snapshot)).rowcount
     if changed == 0:
         return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
     conn.execute(q("changed_ids_analyze"))
@@ -147,7 +155,7 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
 
     def raw_changed_since(snap: str) -> bool:
         if snap not in raw_changed:
-            raw_changed[snap] = bool(value(conn, "raw_changed_since", {"snapshot": snap}, table=table))
+            raw_changed[snap] = bool(value(conn, "raw_changed_since", _since(snap), table=table))
         return raw_changed[snap]
 
     for model in pipeline.models.values():

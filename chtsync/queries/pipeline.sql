@@ -100,10 +100,10 @@ FROM chtsync_models
 -- name: raw_changed_since
 -- Has a transaction the last refresh did not see written a row? Those are the transactions
 -- that started after its snapshot (xid >= xmax) or were in progress then (its xip list): two
--- index probes on _xid, however old the oldest transaction running in the cluster is.
+-- index probes on _xid, however old the oldest transaction running in the cluster is. The xip
+-- list is passed as a value: as a subquery the planner cannot see it and may scan the table.
 SELECT EXISTS (SELECT 1 FROM {table} WHERE _xid >= pg_snapshot_xmax(%(snapshot)s::pg_snapshot))
-    OR EXISTS (SELECT 1 FROM {table}
-               WHERE _xid = ANY (ARRAY(SELECT pg_snapshot_xip(%(snapshot)s::pg_snapshot))))
+    OR EXISTS (SELECT 1 FROM {table} WHERE _xid = ANY (%(xip)s::text[]::xid8[]))
 
 -- name: changed_ids_table
 -- Per session; emptied at every commit, so a run never sees the previous model's ids.
@@ -114,7 +114,7 @@ CREATE TEMP TABLE IF NOT EXISTS chtsync_changed_ids (id text NOT NULL) ON COMMIT
 INSERT INTO chtsync_changed_ids (id)
 SELECT _id FROM {table} WHERE _xid >= pg_snapshot_xmax(%(snapshot)s::pg_snapshot)
 UNION
-SELECT _id FROM {table} WHERE _xid = ANY (ARRAY(SELECT pg_snapshot_xip(%(snapshot)s::pg_snapshot)))
+SELECT _id FROM {table} WHERE _xid = ANY (%(xip)s::text[]::xid8[])
 
 -- name: changed_ids_analyze
 -- Without statistics the planner assumes a large table and scans the raw table.
