@@ -262,6 +262,8 @@ def _couch_source(key: str, data: Mapping[str, Any], env: Mapping[str, str] | No
         else:
             url = f"{'https' if secure else 'http'}://{host}:{port}"
     dbs = _dbs("COUCHDB_DBS", pick("COUCHDB_DBS", "dbs", "medic"))
+    # Host names are case-insensitive; couch2pg wrote them lowercased (URL parsing), so do we.
+    host = host.lower()
     instance = str(pick("CHTSYNC_INSTANCE", "instance", host) or host)
     if "/" in instance or not instance:
         raise ConfigError(f"{key}.instance: {instance!r} must be a non-empty label without '/'")

@@ -474,8 +474,7 @@ console.log(`${u.hostname}${u.pathname}`);
     ("true", "cht.example.org", "443", "medic-users-meta"),
     ("true", "cht.example.org", "8443", "_users"),
     ("false", "couchdb", "5984", "medic-sentinel"),
-    pytest.param("true", "CHT.Example.org", "443", "medic", marks=pytest.mark.xfail(
-        reason="couch2pg's URL lowercases the host name; chtsync keeps COUCHDB_HOST as typed", strict=True)),
+    ("true", "CHT.Example.org", "443", "medic"),
 ])
 def test_source_strings_are_cht_syncs(secure: str, host: str, port: str, db_name: str) -> None:
     node = shutil.which("node")
