@@ -257,6 +257,22 @@ def build_files(schema: str, uri: DatabaseURI, source: Path | None = None) -> di
     return files
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (dataset SQL, markdown) as readable `|` blocks in the zip too."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value and not value.endswith((" ", "\n")) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def _dump(content: Any) -> str:
+    return yaml.dump(content, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
 def to_zip(files: dict[str, Any], kind: str = "Dashboard") -> bytes:
     """A zip Superset's import endpoints accept; `kind` is the metadata type of the endpoint."""
     prefixes = {
@@ -267,12 +283,10 @@ def to_zip(files: dict[str, Any], kind: str = "Dashboard") -> bytes:
     }[kind]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(f"{ZIP_ROOT}/metadata.yaml",
-                    yaml.safe_dump({**files["metadata.yaml"], "type": kind}, sort_keys=False))
+        zf.writestr(f"{ZIP_ROOT}/metadata.yaml", _dump({**files["metadata.yaml"], "type": kind}))
         for name, content in files.items():
             if name.startswith(prefixes):
-                zf.writestr(f"{ZIP_ROOT}/{name}",
-                            yaml.safe_dump(content, sort_keys=False, allow_unicode=True))
+                zf.writestr(f"{ZIP_ROOT}/{name}", _dump(content))
     return buf.getvalue()
 
 
@@ -467,7 +481,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def _changes(before: dict[str, int], after: dict[str, int]) -> Iterator[str]:
     for key in before:
         delta = after[key] - before[key]
-        yield f"{after[key]} {key}s" + (f" ({delta:+d})" if delta else "")
+        yield f"{key}s {after[key]}" + (f" ({delta:+d})" if delta else "")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -476,10 +490,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     user = args.user or os.environ.get("SUPERSET_USER")
     password = args.password or os.environ.get("SUPERSET_PASSWORD")
     try:
+        password_file = args.password_file or os.environ.get("SUPERSET_PASSWORD_FILE")
+        if not password and password_file:
+            try:
+                password = Path(password_file).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise SupersetError(f"cannot read {password_file}: {exc.strerror}") from None
         if not (url and user and password):
             raise SupersetError(
                 "give --url, --user and --password (or SUPERSET_URL, SUPERSET_USER,"
-                " SUPERSET_PASSWORD)"
+                " SUPERSET_PASSWORD / SUPERSET_PASSWORD_FILE)"
             )
         uri = _uri(cfg, args)
         result = import_bundle(url, user, password, cfg.schema, uri, verify=not args.no_verify)
@@ -491,7 +511,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"chtsync superset import: {text}", file=sys.stderr)
         return 1
     print(f"imported the CHT overview dashboard into {url} (database {uri.masked})")
-    print("superset now has " + ", ".join(_changes(result.before, result.after)))
+    print("in Superset now: " + ", ".join(_changes(result.before, result.after)))
     if args.no_verify:
         return 0
     for name, error in sorted(result.failures.items()):
@@ -519,6 +539,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     i.add_argument("--url", help="Superset's base URL, e.g. http://localhost:8088 (SUPERSET_URL)")
     i.add_argument("--user", help="Superset admin user (SUPERSET_USER)")
     i.add_argument("--password", help="its password (SUPERSET_PASSWORD)")
+    i.add_argument("--password-file", metavar="PATH",
+                   help="read the password from a file (SUPERSET_PASSWORD_FILE)")
     i.add_argument("--database-uri", metavar="URI", help=uri_help)
     i.add_argument("--no-verify", action="store_true",
                    help="skip asking every chart for its data after the import")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.cookiejar
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,7 +103,9 @@ class Superset:
                     "DATA_CACHE_CONFIG = {'CACHE_TYPE': 'SimpleCache'}",
                     "FILTER_STATE_CACHE_CONFIG = {'CACHE_TYPE': 'SimpleCache'}",
                     "EXPLORE_FORM_DATA_CACHE_CONFIG = {'CACHE_TYPE': 'SimpleCache'}",
-                    "FEATURE_FLAGS = {'THUMBNAILS': False, 'ALERT_REPORTS': False}",
+                    # Render every chart at once (no lazy loading) for the screenshot.
+                    "FEATURE_FLAGS = {'THUMBNAILS': False, 'ALERT_REPORTS': False,"
+                    " 'DASHBOARD_VIRTUALIZATION': False}",
                     "SUPERSET_WEBSERVER_TIMEOUT = 120",
                     "",
                 ]
@@ -127,13 +132,25 @@ class Superset:
         return proc
 
     def init(self) -> Superset:
-        """Metadata database, admin user, roles and permissions (required before any import)."""
+        """Metadata database, admin user, roles and permissions (required before any import).
+
+        The three CLI calls take ~25 s; their result (no secrets encrypted in it yet) is kept
+        beside the venv and copied for the next test.
+        """
+        template = self.venv / ".chtsync-metadata.db"
+        target = self.home / "superset.db"
+        if template.is_file():
+            shutil.copyfile(template, target)
+            return self
         self.cli("db", "upgrade")
         self.cli(
             "fab", "create-admin", "--username", ADMIN_USER, "--firstname", "Admin",
             "--lastname", "Test", "--email", "admin@example.org", "--password", ADMIN_PASSWORD,
         )
         self.cli("init")
+        partial = template.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(target, partial)
+        os.replace(partial, template)  # atomic: a parallel run sees the whole file or none
         return self
 
     def start(self, timeout: float = 120.0) -> Superset:
@@ -185,5 +202,138 @@ def running(home: Path) -> Iterator[Superset]:
         server.stop()
 
 
+# --- screenshot: headless Chromium driven over the DevTools protocol ----------------------------
+
+
+def login_cookie(url: str, user: str = ADMIN_USER, password: str = ADMIN_PASSWORD) -> str:
+    """The `session` cookie of a browser login (the /login/ form, with its CSRF token)."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    with opener.open(f"{url}/login/", timeout=30) as r:
+        page = r.read().decode()
+    match = re.search(r'id="csrf_token"\s*value="([^"]+)"', page)
+    if not match:
+        raise RuntimeError("no CSRF token on Superset's login page")
+    form = urllib.parse.urlencode(
+        {"csrf_token": match.group(1), "username": user, "password": password}
+    ).encode()
+    with opener.open(f"{url}/login/", data=form, timeout=30):
+        pass
+    for cookie in jar:
+        if cookie.name == "session" and cookie.value:
+            return cookie.value
+    raise RuntimeError("Superset set no session cookie at login")
+
+
+def screenshot(server: Superset, slug: str, out: Path, width: int = 1600,
+               charts: int | None = None) -> None:
+    """Render a dashboard in headless Chromium and save a PNG of the whole page.
+
+    Runs in Superset's venv, which has websocket-client (a Superset dependency).
+    """
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        raise RuntimeError("no chromium on PATH: apt-get install -y chromium")
+    cookie = login_cookie(server.url)
+    subprocess.run(
+        [str(server.venv / "bin" / "python"), __file__, "cdp", chromium, server.url, slug,
+         str(out), str(width), str(charts or 0)],
+        check=True, timeout=300, env={**os.environ, "CHTSYNC_SESSION": cookie},
+    )
+
+
+def _cdp_capture(chromium: str, url: str, slug: str, out: str, width: int, charts: int) -> None:
+    import base64
+    import json
+    import tempfile
+
+    import websocket  # type: ignore[import-not-found]  # only in Superset's venv
+
+    port = free_port()
+    profile = tempfile.mkdtemp(prefix="chtsync-chromium-")
+    browser = subprocess.Popen(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
+         f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        pages: list[dict[str, str]] = []
+        while time.monotonic() < deadline and not pages:
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/json/list", timeout=2
+            ) as r:
+                pages = [t for t in json.load(r) if t.get("type") == "page"]
+            time.sleep(0.3)
+        if not pages:
+            raise RuntimeError("chromium did not open its DevTools port")
+        ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60,
+                                         suppress_origin=True)
+        counter = iter(range(1, 10**6))
+
+        def call(method: str, **params: object) -> dict[str, object]:
+            msg_id = next(counter)
+            ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+            while True:
+                reply = json.loads(ws.recv())
+                if reply.get("id") == msg_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply.get("result", {})
+
+        def evaluate(expr: str) -> object:
+            result = call("Runtime.evaluate", expression=expr, returnByValue=True)
+            return result.get("result", {}).get("value")  # type: ignore[union-attr]
+
+        call("Network.enable")
+        call("Network.setCookie", name="session", value=os.environ["CHTSYNC_SESSION"],
+             url=url, httpOnly=True)
+        call("Emulation.setDeviceMetricsOverride", width=width, height=1200,
+             deviceScaleFactor=1, mobile=False)
+        call("Page.enable")
+        call("Page.navigate", url=f"{url}/superset/dashboard/{slug}/?standalone=1")
+        # Ready when every chart holder shows a canvas, a table or a big number, and no spinner.
+        ready = """(() => {
+            const holders = [...document.querySelectorAll('.dashboard-component-chart-holder')]
+                .filter(h => !h.querySelector('.dashboard-markdown'));
+            const done = holders.filter(h => h.querySelector(
+                'canvas, table, .header-line, .superset-legacy-chart-big-number, .big_number'));
+            const spinning = document.querySelectorAll('.loading, [aria-label="Loading"]').length;
+            return [holders.length, done.length, spinning];
+        })()"""
+        def wait_ready() -> None:
+            deadline = time.monotonic() + 120
+            state: object = None
+            while time.monotonic() < deadline:
+                state = evaluate(ready)
+                # Markdown blocks are holders too: with a chart count given, count charts only.
+                if (isinstance(state, list) and state[1] and not state[2]
+                        and state[1] >= (charts or state[0])):
+                    time.sleep(3)  # chart animations
+                    return
+                time.sleep(1)
+            raise RuntimeError(f"dashboard did not finish rendering: {state}")
+
+        wait_ready()
+        height = evaluate("document.documentElement.scrollHeight")
+        call("Emulation.setDeviceMetricsOverride", width=width, height=int(str(height or 1200)),
+             deviceScaleFactor=1, mobile=False)
+        wait_ready()  # charts re-render for the new viewport
+        # Not captureBeyondViewport: Superset's grid then renders blank; the viewport is the page.
+        shot = call("Page.captureScreenshot", format="png")
+        Path(out).write_bytes(base64.b64decode(str(shot["data"])))
+        ws.close()
+    finally:
+        os.killpg(browser.pid, 15)
+        browser.wait(timeout=20)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    print(ensure_venv())
+    if len(sys.argv) > 1 and sys.argv[1] == "cdp":
+        _, _, chromium_path, base, dash_slug, target, px, n = sys.argv
+        _cdp_capture(chromium_path, base, dash_slug, target, int(px), int(n))
+    else:
+        print(ensure_venv())

@@ -7,8 +7,8 @@ and compares every chart's data, asked through Superset's REST API, with SQL on 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import importlib
 import io
 import json
 import os
@@ -26,7 +26,7 @@ import psycopg
 import pytest
 import yaml
 
-from chtsync import cli, db, paths
+from chtsync import cli, db, logs
 from chtsync import superset as ss
 from chtsync.config import Config
 from tests.conftest import make_config
@@ -146,26 +146,36 @@ def _config_file(tmp_path: Path, dbname: str, **postgres: str) -> Path:
     return path
 
 
-def test_bundle_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _cli(*args: str) -> tuple[int, str, str]:
+    """chtsync's command line in-process, output captured: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = cli.main(list(args))
+    finally:
+        logs.setup()  # the CLI's log handler wrote to `err`: back to the real stderr
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_bundle_command(tmp_path: Path) -> None:
     config = _config_file(tmp_path, "cht", schema="cht_prod", password="hunter22")
     out = tmp_path / "cht.zip"
-    assert cli.main(["superset", "bundle", "--config", str(config), "--out", str(out)]) == 0
-    printed = capsys.readouterr()
-    assert "hunter22" not in printed.out + printed.err
+    rc, stdout, stderr = _cli("superset", "bundle", "--config", str(config), "--out", str(out))
+    assert rc == 0, stderr
+    assert "hunter22" not in stdout + stderr
     with zipfile.ZipFile(out) as zf:
         ds = yaml.safe_load(zf.read(f"{ss.ZIP_ROOT}/datasets/chtsync/cht_reports.yaml"))
         assert ds["schema"] == "cht_prod"
         assert b"hunter22" not in b"".join(zf.read(n) for n in zf.namelist())
 
 
-def test_import_unreachable_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_unreachable_url(tmp_path: Path) -> None:
     from tests.superset_env import free_port
 
     config = _config_file(tmp_path, "cht")
     url = f"http://127.0.0.1:{free_port()}"
-    rc = cli.main(["superset", "import", "--config", str(config), "--url", url,
-                   "--user", "admin", "--password", "nope"])
-    err = capsys.readouterr().err.strip()
+    rc, _, err = _import(config, url, "--user", "admin", "--password", "nope")
+    err = err.strip()
     assert rc == 1
     assert err.startswith("chtsync superset import: cannot reach Superset at") and "\n" not in err
 
@@ -204,37 +214,15 @@ def ingest_sample(pg: psycopg.Connection, n: int, seed: int, end_ms: int) -> Cou
     return written
 
 
-def _pipeline() -> Any | None:
-    try:
-        module = importlib.import_module("chtsync.pipeline")
-    except ImportError:
-        return None
-    ok = hasattr(module, "apply") and hasattr(module, "refresh_once")
-    return module if ok and paths.default_models().is_file() else None
+def build_models(cfg: Config) -> None:
+    """Create and refresh the models with the pipeline engine, as `chtsync run` does."""
+    from chtsync import pipeline
 
-
-def build_models(cfg: Config, pg: psycopg.Connection) -> str:
-    """Create and refresh the models; returns which path was taken."""
-    pipeline = _pipeline()
-    if pipeline is not None:
-        with db.connect(cfg) as conn:
-            pipeline.apply(cfg, conn)
-            pipeline.refresh_once(cfg, conn)
-        return "pipeline"
-    # Until the pipeline engine lands: the same SQL files, created once, in file order.
-    spec = yaml.safe_load(paths.default_models().read_text())
-    kinds = {"view": "VIEW", "materialized_view": "MATERIALIZED VIEW"}
-    for model in spec["models"]:
-        body = (paths.default_models().parent / model["sql"]).read_text()
-        started = time.monotonic()
-        pg.execute(f'CREATE {kinds.get(model["kind"], "TABLE")} "{model["name"]}" AS {body}')
-        rows = pg.execute(f'SELECT count(*) FROM "{model["name"]}"').fetchone()[0]
-        pg.execute(
-            "INSERT INTO chtsync_models (name, kind, definition_hash, last_refresh_at,"
-            " last_duration_ms, last_rows, last_status) VALUES (%s, %s, '-', now(), %s, %s, 'ok')",
-            (model["name"], model["kind"], int((time.monotonic() - started) * 1000), rows),
-        )
-    return "fallback"
+    with db.connect(cfg) as conn:
+        pipeline.apply(cfg, conn)
+        results = pipeline.refresh_once(cfg, conn, force=True)
+    failed = {r.name: r.error for r in results if r.status in ("error", "blocked")}
+    assert not failed, failed
 
 
 def _window(result: dict[str, Any]) -> tuple[dt.datetime, dt.datetime]:
@@ -286,8 +274,8 @@ EXPECTED: dict[str, tuple[list[str], str, bool]] = {
         ["people"], "SELECT count(*) FROM person JOIN contact USING (uuid)", False),
     "reports_per_form_weekly": (
         ["day", "form", "reports"],
-        "SELECT date_trunc('week', day), form, sum(count) FROM reports_by_form_daily GROUP BY 1, 2",
-        False),
+        "SELECT date_trunc('week', day), form, sum(count) FROM reports_by_form_daily"
+        " WHERE day >= %s AND day < %s GROUP BY 1, 2", True),
     "people_per_place_level": (
         ["place_level", "people"],
         "SELECT coalesce(h.parent_1_type, 'no place'), count(*) FROM person p"
@@ -295,7 +283,7 @@ EXPECTED: dict[str, tuple[list[str], str, bool]] = {
         " GROUP BY 1", False),
     "pregnancy_delivery_over_time": (
         ["reported", "form", "reports"],
-        "SELECT date_trunc('week', reported), form, count(*) FROM data_record"
+        "SELECT date_trunc('month', reported), form, count(*) FROM data_record"
         " WHERE form LIKE 'pregnancy%%' OR form LIKE 'delivery%%' GROUP BY 1, 2", False),
     "reports_per_health_facility": (
         ["health_facility_name", "reports"],
@@ -325,13 +313,8 @@ EXPECTED: dict[str, tuple[list[str], str, bool]] = {
 
 
 def _import(config: Path, url: str, *extra: str) -> tuple[int, str, str]:
-    """`chtsync superset import` as a user runs it (in-process, output captured)."""
-    import contextlib
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(["superset", "import", "--config", str(config), "--url", url, *extra])
-    return rc, out.getvalue(), err.getvalue()
+    """`chtsync superset import` as a user runs it."""
+    return _cli("superset", "import", "--config", str(config), "--url", url, *extra)
 
 
 @pytest.mark.slow
@@ -361,25 +344,25 @@ def test_superset_end_to_end(dbname: str, pg: psycopg.Connection, tmp_path: Path
         written = ingest_sample(pg, SAMPLE_N, SAMPLE_SEED, end_ms)
         assert sum(written.values()) == SAMPLE_N
         cfg = make_config(dbname)
-        path = build_models(cfg, pg)
+        build_models(cfg)
         timings["data"] = time.monotonic() - t1
         booting.join()
         if boot_error:
             raise boot_error[0]
         timings["superset ready"] = time.monotonic() - t0
-        _check_superset(server, pg, dbname, tmp_path, path)
+        _check_superset(server, pg, dbname, tmp_path)
         timings["total"] = time.monotonic() - t0
         print("superset e2e timings (s):", {k: round(v, 1) for k, v in timings.items()})
         shot = os.environ.get("CHTSYNC_SCREENSHOT")
         if shot:
-            superset_env.screenshot(server, "cht-overview", Path(shot))
+            n_charts = len(list((ss.bundle_dir() / "charts").glob("*.yaml")))
+            superset_env.screenshot(server, "cht-overview", Path(shot), charts=n_charts)
     finally:
         booting.join()
         server.stop()
 
 
-def _check_superset(server: Any, pg: psycopg.Connection, dbname: str, tmp_path: Path,
-                    path: str) -> None:
+def _check_superset(server: Any, pg: psycopg.Connection, dbname: str, tmp_path: Path) -> None:
     from tests.superset_env import ADMIN_PASSWORD, ADMIN_USER
 
     config = _config_file(tmp_path, dbname)
@@ -400,10 +383,14 @@ def _check_superset(server: Any, pg: psycopg.Connection, dbname: str, tmp_path: 
         n_datasets = sum(1 for n in files if n.startswith("datasets/"))
         assert (counts["chart"], counts["dataset"]) == (n_charts, n_datasets)
 
-        # Importing again changes nothing.
+        # Importing again changes nothing: same objects, same ids.
+        dash_id = api.dashboard("cht-overview")["id"]
+        chart_ids = sorted(c["id"] for c in api.dashboard_charts(dash_id))
         rc, out, err = _import(config, server.url, *login)
         assert rc == 0, out + err
         assert api.counts() == counts
+        assert api.dashboard("cht-overview")["id"] == dash_id
+        assert sorted(c["id"] for c in api.dashboard_charts(dash_id)) == chart_ids
         assert "(+" not in out
 
         _check_tables_listed(api, files)
@@ -421,7 +408,6 @@ def _check_superset(server: Any, pg: psycopg.Connection, dbname: str, tmp_path: 
         assert api.counts() == counts
     finally:
         api.close()
-    print(f"models built by: {path}")
 
 
 def _check_tables_listed(api: ss.Superset, files: dict[str, Any]) -> None:
