@@ -45,14 +45,6 @@ class Model:
 class Pipeline:
     models: dict[str, Model] = field(default_factory=dict)  # in dependency order
 
-    def downstream(self, names: set[str]) -> set[str]:
-        """The given models and every model that depends on them, transitively."""
-        out = set(names)
-        for model in self.models.values():  # dependency order: upstream seen first
-            if out.intersection(model.deps):
-                out.add(model.name)
-        return out
-
 
 def _walk(node: object, ctes: frozenset[str]) -> Iterator[tuple[ast.RangeVar, frozenset[str]]]:
     """Every RangeVar with the CTE names visible where it appears."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from chtsync import db
 from chtsync.config import Config, ConfigError
@@ -55,6 +56,8 @@ def _age(snapshot: str) -> tuple[int, int]:
 
 
 def _since(snapshot: str) -> dict[str, object]:
+    """Parameters of the change queries. They run unprepared (prepare=False): a prepared
+    statement soon gets a generic plan, blind to these values, which scans the raw table."""
     return {"snapshot": snapshot, "xip": _xip(snapshot)}
 
 
@@ -99,30 +102,27 @@ def _inputs(pipeline: Pipeline) -> dict[str, _Inputs]:
 def _incremental(conn: psycopg.Connection, cfg: Config, model: Model,
                  state: _State) -> tuple[int, int | None]:
     """Delete and re-derive the rows of documents written since the model's snapshot."""
-    name, key, body = q_ident(model.name), q_ident(model.spec.unique_key[0]), psycopg.sql.SQL(model.sql)
+    name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
     if state.snapshot is None:  # never built: everything
         conn.execute(q("truncate", model=name))
         return conn.execute(q("full_insert", model=name, body=body)).rowcount, None
     conn.execute(q("changed_ids_table"))
-    changed = conn.execute(q("changed_ids_fill", table=db.table_ident(cfg)), _since(state.snapshot)).rowcount
+    changed = conn.execute(q("changed_ids_fill", table=db.table_ident(cfg)), _since(state.snapshot),
+                           prepare=False).rowcount
     if changed == 0:
         return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
     conn.execute(q("changed_ids_analyze"))
-    deleted = conn.execute(q("incremental_delete", model=name, key=key)).rowcount
-    inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body)).rowcount
+    deleted = conn.execute(q("incremental_delete", model=name, key=key), prepare=False).rowcount
+    inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body), prepare=False).rowcount
     if state.rows is None:
         return value(conn, "count_rows", model=name), changed
     return state.rows - deleted + inserted, changed
 
 
-def q_ident(name: str) -> psycopg.sql.Identifier:
-    return psycopg.sql.Identifier(name)
-
-
 def _refresh_model(conn: psycopg.Connection, cfg: Config, model: Model,
                    state: _State) -> tuple[int, int | None]:
     """Bring one model up to date inside the caller's transaction; return (rows, changed)."""
-    name = q_ident(model.name)
+    name = sql.Identifier(model.name)
     if model.kind == "incremental":
         return _incremental(conn, cfg, model, state)
     if model.kind == "materialized_view" and any(ix.unique for ix in model.spec.indexes):
@@ -133,7 +133,7 @@ def _refresh_model(conn: psycopg.Connection, cfg: Config, model: Model,
             conn.execute(q("refresh_matview", model=name))
         else:
             conn.execute(q("truncate", model=name))
-            return conn.execute(q("full_insert", model=name, body=psycopg.sql.SQL(model.sql))).rowcount, None
+            return conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None
     return value(conn, "count_rows", model=name), None
 
 
@@ -155,7 +155,7 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
 
     def raw_changed_since(snap: str) -> bool:
         if snap not in raw_changed:
-            raw_changed[snap] = bool(value(conn, "raw_changed_since", _since(snap), table=table))
+            raw_changed[snap] = bool(value(conn, "raw_changed_since", _since(snap), prepare=False, table=table))
         return raw_changed[snap]
 
     for model in pipeline.models.values():
@@ -256,13 +256,13 @@ def rebuild(cfg: Config, conn: psycopg.Connection, name: str) -> RefreshResult:
         snapshot = value(conn, "current_snapshot")
         if model.kind == "view":
             return RefreshResult(name, model.kind, "ok")
-        target = q_ident(name)
+        target = sql.Identifier(name)
         if model.kind == "materialized_view":
             conn.execute(q("refresh_matview", model=target))
             rows = value(conn, "count_rows", model=target)
         else:
             conn.execute(q("truncate", model=target))
-            rows = conn.execute(q("full_insert", model=target, body=psycopg.sql.SQL(model.sql))).rowcount
+            rows = conn.execute(q("full_insert", model=target, body=sql.SQL(model.sql))).rowcount
         ms = (time.monotonic() - started) * 1000
         conn.execute(q("record_refresh_ok"), {"name": name, "ms": ms, "rows": rows, "snapshot": snapshot})
     log.info("model rebuilt name=%s kind=%s rows=%s ms=%.0f", name, model.kind, rows, ms)

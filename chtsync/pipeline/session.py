@@ -32,8 +32,9 @@ def q(name: str, **identifiers: sql.Composable) -> sql.Composable:
     return queries.compose(name, **identifiers) if identifiers else sql.SQL(queries.get(name))
 
 
-def value(conn: psycopg.Connection, name: str, params: Any = None, **identifiers: sql.Composable) -> Any:
-    row = conn.execute(q(name, **identifiers), params).fetchone()
+def value(conn: psycopg.Connection, name: str, params: Any = None, *, prepare: bool | None = None,
+          **identifiers: sql.Composable) -> Any:
+    row = conn.execute(q(name, **identifiers), params, prepare=prepare).fetchone()
     return None if row is None else row[0]
 
 
