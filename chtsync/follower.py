@@ -110,6 +110,7 @@ class Follower:
         self.stats = SourceStats(self.name)
         self.done = asyncio.Event()  # set when caught up in --once mode
         self._conn: psycopg.AsyncConnection | None = None
+        self.resync = False  # resyncing a recreated database: write without the revision guard
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -153,8 +154,8 @@ class Follower:
         self._conn = conn
         await conn.execute(queries.get("session_keepalives"))
         await self._acquire_lease(conn)
-        since = await self.store.checkpoint(conn, self.name) or "0"
-        since = await self._check_rewind(conn, since)
+        stored, self.resync = await self.store.checkpoint(conn, self.name)
+        since = await self._check_rewind(conn, stored or "0")
         self.stats.seq = since
         await self._set_state("catching up", None)
         caught_up = False
@@ -171,7 +172,7 @@ class Follower:
             if body is None:  # idle check interval passed while caught up
                 since = await self._check_rewind(conn, since)
                 continue
-            result = await self.store.ingest(conn, self.name, body, limit)
+            result = await self.store.ingest(conn, self.name, body, limit, force=self.resync)
             backoff.reset()
             if result.last_seq is None:
                 raise CouchError(f"CouchDB sent an unreadable _changes page for {self.name}")
@@ -186,11 +187,18 @@ class Follower:
             )
             if now_caught_up and not caught_up and not longpoll:
                 # Some servers echo an old seq back for a recreated database: compare.
-                since = await self._check_rewind(conn, since)
+                checked = await self._check_rewind(conn, since)
+                if checked != since:  # restarting from 0: not caught up after all
+                    since = checked
+                    continue
             if now_caught_up != caught_up:
                 caught_up = now_caught_up
                 if caught_up:
                     self.stats.caught_up_at = time.monotonic()
+                    if self.resync:
+                        await self.store.end_resync(conn, self.name)
+                        self.resync = False
+                        log.info("resync done source=%s", self.name)
                 await self._set_state("following" if caught_up else "catching up", None)
             if caught_up and self.once:
                 self.done.set()
@@ -237,6 +245,7 @@ class Follower:
         log.warning("resync source=%s from 0: %s; existing rows are kept", self.name, reason)
         self._count_error("rewind")
         await self.store.reset_checkpoint(conn, self.name, f"resync from 0: {reason}")
+        self.resync = True
         return "0"
 
     async def _until_stopped(self, coro: Awaitable[T], timeout: float | None) -> T | None:

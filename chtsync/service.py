@@ -112,7 +112,7 @@ def _apply_models(cfg: Config) -> None:
 async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
                 runtime: Runtime | None = None) -> int:
     """`chtsync run`: everything in one process until stop. Returns the exit code."""
-    from chtsync import metrics, pipeline
+    from chtsync import metrics, pipeline, verify
 
     runtime = runtime or Runtime(cfg)
     await prepare(cfg)
@@ -122,6 +122,7 @@ async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
     tasks = [
         asyncio.create_task(follow_all(cfg, stop, once=once, runtime=runtime), name="followers"),
         asyncio.create_task(pipeline.refresh_loop(cfg, stop, wake), name="refresh"),
+        asyncio.create_task(verify.verify_loop(cfg, stop), name="verify"),  # returns at once when off
         asyncio.create_task(_listen(cfg, stop, wake), name="listen"),
         asyncio.create_task(metrics.collect_loop(runtime, stop), name="metrics"),
     ]
@@ -130,11 +131,11 @@ async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
             await tasks[0]
             stop.set()
         await stop.wait()
-        # Listening and metrics hold no data: end them now. Followers end at a page boundary
-        # and the refresh finishes its model; give those a bounded time.
-        for task in tasks[2:]:
+        # Listening and metrics hold no data: end them now. Followers end at a page boundary,
+        # the refresh finishes its model, verify its batch; give those a bounded time.
+        for task in tasks[3:]:
             task.cancel()
-        _, pending = await asyncio.wait(tasks[:2], timeout=8.0)
+        _, pending = await asyncio.wait(tasks[:3], timeout=8.0)
         for task in pending:
             task.cancel()
         for task in tasks:

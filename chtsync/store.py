@@ -76,17 +76,21 @@ class Store:
         self.q_ingest = queries.get("ingest_page")
         self.q_error = queries.get("record_error")
 
-    async def checkpoint(self, conn: psycopg.AsyncConnection, source: str) -> str | None:
-        cur = await conn.execute(queries.get("get_checkpoint"), (source,))
+    async def checkpoint(self, conn: psycopg.AsyncConnection, source: str) -> tuple[str | None, bool]:
+        """(stored seq, whether a resync from 0 is under way)."""
+        cur = await conn.execute(queries.get("get_checkpoint"), {"source": source})
         row = await cur.fetchone()
-        await conn.commit()
-        return row[0] if row else None
+        return (row[0], bool(row[1])) if row else (None, False)
 
     async def reset_checkpoint(self, conn: psycopg.AsyncConnection, source: str, reason: str) -> None:
-        """Start a source over from 0 (rows are kept; replay is harmless)."""
+        """Start a source over from 0 (rows are kept; replay is harmless), as a resync."""
         async with conn.transaction():
-            await conn.execute(queries.get("reset_checkpoint"), (source,))
+            await conn.execute(queries.get("reset_checkpoint"), {"source": source})
+            await conn.execute(queries.get("start_resync"), {"source": source})
             await conn.execute(self.q_error, (source, None, None, reason, None))
+
+    async def end_resync(self, conn: psycopg.AsyncConnection, source: str) -> None:
+        await conn.execute(queries.get("end_resync"), {"source": source})
 
     async def ingest(
         self, conn: psycopg.AsyncConnection, source: str, body: bytes, limit: int,
@@ -118,6 +122,8 @@ class Store:
             results = page["results"]
             if not isinstance(results, list):
                 raise TypeError("results is not a list")
+            if page.get("last_seq") is None:
+                raise ValueError("no last_seq")
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             # Not a _changes page at all (truncated or garbled): nothing to checkpoint on.
             async with conn.transaction():

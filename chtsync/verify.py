@@ -268,7 +268,7 @@ class SourceVerifier:
         last: str | None = None
         moved_at = time.monotonic()
         while time.monotonic() < deadline:
-            cur = await self.conn.execute(queries.get("get_checkpoint"), (self.name,))
+            cur = await self.conn.execute(queries.get("get_checkpoint"), {"source": self.name})
             row = await cur.fetchone()
             seq = row[0] if row else None
             ours = seq_number(seq)

@@ -23,6 +23,9 @@ BEGIN
     IF jsonb_typeof(p_page -> 'results') IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'not a _changes page: no "results" array' USING ERRCODE = '22023';
     END IF;
+    IF p_checkpoint AND (p_page -> 'last_seq' IS NULL OR p_page -> 'last_seq' = 'null'::jsonb) THEN
+        RAISE EXCEPTION 'not a _changes page: no "last_seq"' USING ERRCODE = '22023';
+    END IF;
     changes := jsonb_array_length(p_page -> 'results');
     written := 0;
     -- seqs are opaque: a CouchDB 3 string or another server's number, stored as text.

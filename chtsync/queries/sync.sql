@@ -9,10 +9,20 @@ FROM chtsync_ingest_v1(%s::regclass, %s, %s::jsonb, %s, %s, %s)
 INSERT INTO chtsync_errors (source, _id, seq, reason, raw) VALUES (%s, %s, %s, %s, %s)
 
 -- name: get_checkpoint
-SELECT seq FROM couchdb_progress WHERE source = %s
+SELECT p.seq, coalesce(s.resync, false)
+FROM (SELECT %(source)s AS source) AS q
+LEFT JOIN couchdb_progress p USING (source)
+LEFT JOIN chtsync_sources s USING (source)
 
 -- name: reset_checkpoint
-UPDATE couchdb_progress SET seq = '0', pending = NULL, updated_at = now() WHERE source = %s
+UPDATE couchdb_progress SET seq = '0', pending = NULL, updated_at = now() WHERE source = %(source)s
+
+-- name: start_resync
+INSERT INTO chtsync_sources AS s (source, state, resync) VALUES (%(source)s, 'catching up', true)
+ON CONFLICT (source) DO UPDATE SET resync = true
+
+-- name: end_resync
+UPDATE chtsync_sources SET resync = false WHERE source = %(source)s AND resync
 
 -- name: try_source_lock
 -- Held for as long as this session follows the source: the lock is the lease.

@@ -30,7 +30,9 @@ def measure(pg: psycopg.Connection, couch: CouchAdmin, db: str, source: str) -> 
     got = pg_state(pg, source)
     refused = {r[0] for r in pg.execute("SELECT _id FROM chtsync_errors WHERE source = %s AND _id IS NOT NULL",
                                         (source,))}
-    lost = sum(1 for k, v in want.items() if got.get(k) != v and k not in refused) + len(set(got) - set(want))
+    vanished_tombstones = {k for k in set(got) - set(want) if got[k][1]}  # purged/recreated: kept deleted
+    lost = (sum(1 for k, v in want.items() if got.get(k) != v and k not in refused)
+            + len(set(got) - set(want) - vanished_tombstones))
     rows, distinct = pg.execute(
         "SELECT count(*), count(DISTINCT (_id, source)) FROM couchdb WHERE source = %s", (source,)
     ).fetchone()

@@ -3,6 +3,7 @@ every test ends by asserting Postgres equals CouchDB exactly (ids, revisions, to
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -113,3 +114,29 @@ def test_resume_after_clean_stop_sends_stored_seq(couch: CouchAdmin, cfg_factory
     couch.put("medic", {"_id": "late", "type": "person"})
     (stats,) = sync_once(cfg)
     assert stats.docs_written == 1 and stats.pages == 1
+
+
+def test_database_recreated_with_other_documents_then_verify_repair(
+    couch: CouchAdmin, cfg_factory, pg: psycopg.Connection, fault_report
+) -> None:
+    from chtsync import verify
+
+    load(couch, "medic", 3000)
+    cfg = cfg_factory("medic", BATCH_SIZE="500")
+    sync_once(cfg)
+    # The database is deleted and recreated with partly different documents (a restore, a
+    # migration gone wrong): the old ids vanish without ever appearing as deletions.
+    couch.delete_db("medic")
+    couch.create_db("medic")
+    couch.bulk("medic", [{"_id": f"doc{i:06d}", "type": "data_record", "again": True} for i in range(1000)])
+    couch.bulk("medic", [{"_id": f"fresh{i}", "type": "person"} for i in range(500)])
+    t = time.monotonic()
+    sync_once(cfg)  # notices the rewind, resyncs from 0
+    reports = asyncio.run(verify.verify(cfg, repair=True, settle=0.2))
+    assert verify.exit_code(reports) == 0, reports
+    # The 2000 ids that vanished are tombstones now, so every model drops them.
+    live = pg.execute("SELECT count(*) FROM couchdb WHERE NOT _deleted").fetchone()[0]
+    assert live == 1500
+    assert assert_equal(pg, couch, "medic", "127.0.0.1/medic", vanished_ok=True) == 1500
+    fault_report("database deleted and recreated, then verify --repair", pg, couch, "medic",
+                 "127.0.0.1/medic", time.monotonic() - t)
