@@ -32,6 +32,9 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
     keys = lease_keys(cfg)
     rows = {r["source"]: r for r in cur.execute(
         queries.get("source_status"), {"lock_class": db.LOCK_CLASS, "keys": json.dumps(keys)})}
+    verified = {}
+    if conn.execute("SELECT to_regclass('chtsync_verify') IS NOT NULL").fetchone()[0]:
+        verified = {r["source"]: r for r in cur.execute(queries.get("verify_status"))}
     docs: dict[str, dict[str, int]] = {}
     if counts:
         q = queries.compose("docs_per_source", table=db.table_ident(cfg))
@@ -59,6 +62,7 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
             "last_change_at": _iso(r.get("last_change_at")),
             "checkpoint_at": _iso(r.get("checkpoint_at")),
             "lag_seconds": lag,
+            "last_verify": _verify_summary(verified.get(name)),
         })
     models = []
     if _has_models_table(conn):
@@ -76,6 +80,14 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
             })
     return {"schema": cfg.schema, "table": cfg.table, "now": _iso(now),
             "sources": sources, "models": models}
+
+
+def _verify_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {"at": _iso(row["finished_at"]), "equal": row["equal"], "missing": row["missing"],
+            "stale": row["stale"], "vanished": row["vanished"], "repaired": row["repaired"],
+            "error": row["error"]}
 
 
 def _has_models_table(conn: psycopg.Connection) -> bool:
@@ -109,13 +121,17 @@ def render(doc: dict[str, Any]) -> None:
 
     console = Console()
     t = Table(title=f"Sources → {doc['schema']}.{doc['table']}", title_justify="left")
-    for col in ("source", "state", "seq", "pending", "docs", "errors", "last change", "lag"):
+    for col in ("source", "state", "seq", "pending", "docs", "errors", "last change", "lag", "verified"):
         t.add_column(col, justify="right" if col in ("pending", "docs", "errors", "lag") else "left")
     for s in doc["sources"]:
         state = s["state"] + (f": {s['reason']}" if s["reason"] else "")
         lag = "-" if s["lag_seconds"] is None else f"{s['lag_seconds']:.0f}s"
+        v = s["last_verify"]
+        verified = "-" if v is None else (
+            ("equal" if v["equal"] else f"{v['missing'] + v['stale'] + v['vanished']} differ")
+            + f", {_age(v['at'], doc['now'])}")
         t.add_row(s["source"], state, _short(s["seq"]), _num(s["pending"]), _num(s["docs"]),
-                  _num(s["errors"]), _age(s["last_change_at"], doc["now"]), lag)
+                  _num(s["errors"]), _age(s["last_change_at"], doc["now"]), lag, verified)
     console.print(t)
     if doc["models"]:
         m = Table(title="Models", title_justify="left")

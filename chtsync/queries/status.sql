@@ -45,3 +45,6 @@ SELECT m.name, m.kind, m.last_refresh_at, m.last_success_at, m.last_duration_ms,
        END::float8 AS staleness_seconds
 FROM chtsync_models m
 ORDER BY m.name
+
+-- name: verify_status
+SELECT source, finished_at, equal, missing, stale, vanished, repaired, error FROM chtsync_verify
