@@ -102,6 +102,11 @@ class DatabaseURI:
     @classmethod
     def from_config(cls, cfg: Config) -> DatabaseURI:
         pg = cfg.postgres
+        if pg.host and pg.host.startswith("/"):
+            raise SupersetError(
+                "chtsync reaches Postgres over a Unix socket, which Superset cannot use:"
+                " give --database-uri postgresql://user:password@host:port/dbname"
+            )
         query = urllib.parse.urlencode(
             [(k, v) for k, v in pg.extra if k not in ("options", "application_name")]
         )

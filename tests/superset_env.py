@@ -64,10 +64,20 @@ def ensure_venv() -> Path:
         # Venv scripts hard-code their path, so build in place; the marker file written last
         # tells a finished venv from one an interrupted run left behind.
         shutil.rmtree(target, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
+        log_path = root / f"{venv_key()}.install.log"
         pip = [str(target / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
-        subprocess.run([*pip, "install", "--upgrade", "pip", "setuptools", "wheel"], check=True)
-        subprocess.run([*pip, "install", *PACKAGES], check=True)
+        with open(log_path, "w") as log:
+            for step in (
+                [sys.executable, "-m", "venv", str(target)],
+                [*pip, "install", "--upgrade", "pip", "setuptools", "wheel"],
+                [*pip, "install", *PACKAGES],
+            ):
+                log.write(f"$ {' '.join(step)}\n")
+                log.flush()
+                if subprocess.run(step, stdout=log, stderr=subprocess.STDOUT).returncode:
+                    tail = log_path.read_text(errors="replace").splitlines()[-30:]
+                    raise RuntimeError(f"installing Superset failed ({log_path}):\n"
+                                       + "\n".join(tail))
         done.write_text(" ".join(PACKAGES) + "\n")
     return target
 
