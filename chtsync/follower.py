@@ -39,6 +39,7 @@ T = TypeVar("T")
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 IDLE_CHECK_SECONDS = 60.0  # while caught up, re-check the database this often (rewind, liveness)
 PERMANENT_RETRY_SECONDS = 30.0  # wrong credentials / missing database: try again this often
+ONCE_MAX_RETRIES = 6  # `sync --once`: consecutive CouchDB failures (~30 s of backoff) before giving up
 
 
 @dataclass
@@ -130,6 +131,11 @@ class Follower:
             except CouchError as exc:
                 self._count_error("couchdb")
                 await self._set_state("retrying", str(exc))
+                if self.once and backoff.attempt >= ONCE_MAX_RETRIES:
+                    # A one-shot run reports an unreachable server instead of waiting for ever.
+                    await self._set_state("error", f"{exc} (gave up after {backoff.attempt} retries)",
+                                          level=logging.ERROR)
+                    break
                 await self._sleep(backoff.next())
             except psycopg.Error as exc:
                 self._count_error("postgres")

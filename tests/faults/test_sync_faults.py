@@ -13,7 +13,7 @@ import time
 import psycopg
 
 from tests.conftest import PG_HOST, PG_PORT
-from tests.servers import ADMIN, CouchAdmin, TcpProxy
+from tests.servers import ADMIN, CouchAdmin, TcpProxy, free_port
 from tests.syncutil import BackgroundSync, assert_equal, pg_state, sync_once, wait_until
 
 
@@ -140,3 +140,40 @@ def test_database_recreated_with_other_documents_then_verify_repair(
     assert assert_equal(pg, couch, "medic", "127.0.0.1/medic", vanished_ok=True) == 1500
     fault_report("database deleted and recreated, then verify --repair", pg, couch, "medic",
                  "127.0.0.1/medic", time.monotonic() - t)
+
+
+def test_couchdb_down_then_back(couch: CouchAdmin, pouch_server, cfg_factory, pg: psycopg.Connection,
+                                fault_report) -> None:
+    """CouchDB stops answering (connections refused) while changes keep happening, then returns.
+    The proxy stands for the server: pouchdb-server keeps its data only in memory."""
+    load(couch, "medic", 2000)
+    proxy = TcpProxy("127.0.0.1", pouch_server.port)
+    cfg = cfg_factory("medic", url=f"http://127.0.0.1:{proxy.port}", BATCH_SIZE="200")
+    try:
+        with BackgroundSync(cfg) as bg:
+            wait_until(lambda: count(pg) >= 400, timeout=60, what="first pages")
+            proxy.refusing = True
+            proxy.cut()
+            wait_until(lambda: bg.stats()[0].state == "retrying", timeout=30, what="retrying reported")
+            assert "unreachable" in (bg.stats()[0].reason or "")
+            couch.bulk("medic", [{"_id": f"while-down{i}", "type": "person"} for i in range(100)])
+            time.sleep(2)
+            proxy.refusing = False
+            t = time.monotonic()
+            wait_until(lambda: count(pg) == 2100, timeout=90, what="recovery after CouchDB came back")
+            recovered = time.monotonic() - t
+        assert assert_equal(pg, couch, "medic", "127.0.0.1/medic") == 2100
+        r = fault_report("CouchDB down (refusing connections), then back", pg, couch, "medic", "127.0.0.1/medic",
+                         recovered)
+        assert (r.lost, r.duplicated) == (0, 0)
+    finally:
+        proxy.close()
+
+
+def test_sync_once_gives_up_on_an_unreachable_couchdb(cfg_factory, dbname: str) -> None:
+    env = chtsync_env(f"http://127.0.0.1:{free_port()}", dbname)
+    r = subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("chtsync: 127.0.0.1/medic: CouchDB at http://127.0.0.1:") and "unreachable" in last
