@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 
 from chtsync import db
+from chtsync import pipeline as engine
 from tests.cht_fixtures import (
     MEDIC,
     META,
@@ -23,8 +24,6 @@ from tests.cht_fixtures import (
     ROOT,
     USERS,
     Feed,
-    LocalPipeline,
-    engine_available,
     load_models,
     model_sql,
     ts,
@@ -434,40 +433,24 @@ def expected_initial() -> dict[str, list[dict[str, Any]]]:
 
 class Pipeline:
     """The models of sql/models.yaml in the test database, built and refreshed by the chtsync
-    pipeline engine (apply, then refresh_once with force: intervals ignored). Falls back to the
-    local stand-in of tests/cht_fixtures.py where the engine is not available."""
+    pipeline engine (apply, then refresh_once with force: intervals ignored)."""
 
-    def __init__(self, dbname: str, conn: psycopg.Connection) -> None:
-        self.engine = engine_available()
-        if self.engine:
-            self.cfg = make_config(dbname, CHTSYNC_MODELS=str(MODELS_YAML))
-            self.conn = db.connect(self.cfg, autocommit=True)
-        else:
-            self.local = LocalPipeline(conn)
+    def __init__(self, dbname: str) -> None:
+        self.cfg = make_config(dbname, CHTSYNC_MODELS=str(MODELS_YAML))
+        self.conn = db.connect(self.cfg, autocommit=True)
 
     def apply(self) -> None:
-        if not self.engine:
-            return self.local.apply()
-        from chtsync import pipeline as engine
-
         engine.apply(self.cfg, self.conn)
-        return None
 
     def refresh(self) -> dict[str, Any]:
-        """Refresh every model; return the engine's result per model ({} for the stand-in)."""
-        if not self.engine:
-            self.local.refresh()
-            return {}
-        from chtsync import pipeline as engine
-
+        """Refresh every model; return the engine's result per model."""
         results = engine.refresh_once(self.cfg, self.conn, force=True)
         bad = [(r.name, r.status, r.error) for r in results if r.status not in ("ok", "skipped")]
         assert bad == []
         return {r.name: r for r in results}
 
     def close(self) -> None:
-        if self.engine:
-            self.conn.close()
+        self.conn.close()
 
 
 @pytest.fixture
@@ -477,7 +460,7 @@ def feed(pg: psycopg.Connection) -> Feed:
 
 @pytest.fixture
 def pipeline(dbname: str, pg: psycopg.Connection) -> Iterator[Pipeline]:
-    p = Pipeline(dbname, pg)
+    p = Pipeline(dbname)
     yield p
     p.close()
 
@@ -648,9 +631,8 @@ def test_models_initial_build_and_changes(pg: psycopg.Connection, feed: Feed,
     feed.put([t1], source=META)
     feed.delete([FB2["_id"]], source=META)
     results = pipeline.refresh()
-    if pipeline.engine:
-        # incremental tables re-derived only the documents written since the last refresh
-        assert results["contact"].changed == 13 and results["telemetry"].changed == 13
+    # incremental tables re-derived only the documents written since the last refresh
+    assert results["contact"].changed == 13 and results["telemetry"].changed == 13
 
     exp = copy.deepcopy(expected)
     md = [r for r in exp["document_metadata"]
