@@ -91,6 +91,11 @@ class CouchClient:
         except httpx.TransportError as exc:
             reason = type(exc).__name__
             text = str(exc).splitlines()[0] if str(exc) else ""
+            if "CERTIFICATE_VERIFY_FAILED" in text:
+                raise CouchError(
+                    f"CouchDB at {self._where(db)}: its TLS certificate is not trusted ({text}):"
+                    " set COUCHDB_CA_FILE to your CA, or COUCHDB_VERIFY_TLS=false", transient=False,
+                ) from None
             raise CouchError(f"CouchDB at {self._where(db)} unreachable: {reason} {text}".strip()) from None
         status = response.status_code
         if status == 200:

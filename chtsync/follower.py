@@ -122,13 +122,18 @@ class Follower:
                 await self._follow(backoff)
             except Stopped:
                 break
-            except (CouchAuthError, CouchNotFound) as exc:
-                self._count_error("couchdb_" + ("auth" if isinstance(exc, CouchAuthError) else "missing"))
-                await self._set_state("error", str(exc), level=logging.ERROR)
-                if self.once:
-                    break
-                await self._sleep(PERMANENT_RETRY_SECONDS)
             except CouchError as exc:
+                if not exc.transient:
+                    # Wrong credentials, a missing database, an untrusted certificate: a person
+                    # must act; keep checking slowly so a fix is picked up without a restart.
+                    kind = {CouchAuthError: "couchdb_auth", CouchNotFound: "couchdb_missing"}.get(
+                        type(exc), "couchdb_config")
+                    self._count_error(kind)
+                    await self._set_state("error", str(exc), level=logging.ERROR)
+                    if self.once:
+                        break
+                    await self._sleep(PERMANENT_RETRY_SECONDS)
+                    continue
                 self._count_error("couchdb")
                 await self._set_state("retrying", str(exc))
                 if self.once and backoff.attempt >= ONCE_MAX_RETRIES:
