@@ -2,12 +2,8 @@
 SELECT
     _id AS uuid,
     saved_timestamp,
-    -- reported_date is ms since epoch. '', negative or non-numeric -> NULL; below 1e11 it
-    -- can only be seconds (1e11 ms is 1973), so it is read as seconds.
-    CASE WHEN doc ->> 'reported_date' ~ '^\s*[0-9]{1,15}(\.[0-9]*)?\s*$' THEN
-        to_timestamp((doc ->> 'reported_date')::numeric
-            / CASE WHEN (doc ->> 'reported_date')::numeric < 1e11 THEN 1 ELSE 1000 END)
-    END AS reported,
+    -- ms since epoch; '', non-numeric -> NULL; seconds are recognised (migrations/0006)
+    chtsync_epoch_v1(doc ->> 'reported_date') AS reported,
     doc #>> '{parent,_id}' AS parent_uuid,
     doc ->> 'name' AS name,
     COALESCE(doc ->> 'contact_type', doc ->> 'type') AS contact_type,
