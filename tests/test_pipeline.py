@@ -354,6 +354,19 @@ def test_refresh_skips_unchanged_models(pg: psycopg.Connection, cfg: Config, mod
     assert pg.execute("SELECT n FROM hourly").fetchone() == (2,)
 
 
+def test_an_empty_model_fills_before_its_interval(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                                  docs: Docs) -> None:
+    models.set("forms", "SELECT doc->>'form' AS form, count(*) AS n FROM couchdb GROUP BY 1",
+               kind="materialized_view", interval=3600)
+    pipeline.apply(cfg, pg)
+    assert by_name(pipeline.refresh_once(cfg, pg))["forms"].status in ("skipped", "ok")
+    docs.put({"_id": "r1", "type": "data_record", "form": "delivery"})
+    assert by_name(pipeline.refresh_once(cfg, pg))["forms"].status == "ok"  # empty: not throttled
+    assert pg.execute("SELECT form, n FROM forms").fetchall() == [("delivery", 1)]
+    docs.put({"_id": "r2", "type": "data_record", "form": "delivery"})
+    assert by_name(pipeline.refresh_once(cfg, pg))["forms"].status == "waiting"  # holds data: throttled
+
+
 def test_failing_model_blocks_dependents_only(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
                                               docs: Docs) -> None:
     docs.put({"_id": "a", "n": "1"})

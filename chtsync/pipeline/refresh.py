@@ -181,7 +181,10 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
             continue
         inp = inputs[model.name]
         if not force:
-            if model.spec.interval and state.age is not None and state.age < model.spec.interval:
+            # The interval throttles a model that holds data; an empty one (just created, before
+            # the first documents arrived) fills as soon as its inputs change.
+            if (model.spec.interval and state.age is not None and state.age < model.spec.interval
+                    and state.rows):
                 results.append(RefreshResult(model.name, model.kind, "waiting", rows=state.rows))
                 continue
             upstream_newer = any((states[u].seq or 0) > (state.seq or 0) for u in inp.models)
