@@ -7,6 +7,7 @@ Credentials travel in the Authorization header only; no URL or message here ever
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import urllib.parse
 from dataclasses import dataclass
@@ -48,6 +49,26 @@ class DbInfo:
     doc_count: int
     doc_del_count: int
     update_seq: str
+
+
+# The end of a _changes body: `"last_seq":<seq>[,"pending":N]}`. Read to fetch the next page
+# while Postgres ingests this one; only the trailer is looked at, never the documents.
+_TRAILER = re.compile(
+    rb'"last_seq"\s*:\s*("(?:[^"\\]|\\.)*"|-?[0-9]+)\s*(?:,\s*"pending"\s*:\s*([0-9]+)\s*)?\}\s*$'
+)
+
+
+def page_trailer(body: bytes) -> tuple[str, int | None] | None:
+    """(last_seq as Postgres will return it, pending or None), or None when not recognisable."""
+    match = _TRAILER.search(body[-2048:])
+    if match is None:
+        return None
+    token = match.group(1)
+    try:
+        seq = json.loads(token) if token.startswith(b'"') else token.decode()
+    except ValueError:
+        return None
+    return str(seq), int(match.group(2)) if match.group(2) else None
 
 
 def seq_number(seq: str | None) -> int | None:

@@ -29,6 +29,7 @@ from chtsync.couch import (
     CouchClient,
     CouchError,
     CouchNotFound,
+    page_trailer,
     seq_number,
 )
 from chtsync.store import Store
@@ -171,49 +172,80 @@ class Follower:
         await self._set_state("catching up", None)
         caught_up = False
         limit = self.cfg.batch_size
-        while True:
-            if self.stop.is_set():
-                raise Stopped
-            longpoll = caught_up and not self.once
-            try:
+        ahead: asyncio.Task[bytes] | None = None  # the next page, fetched during this ingest
+        try:
+            while not self.done.is_set():
+                since, caught_up, ahead = await self._step(conn, backoff, since, caught_up, limit, ahead)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+
+    async def _step(
+        self, conn: psycopg.AsyncConnection, backoff: Backoff, since: str, caught_up: bool, limit: int,
+        ahead: asyncio.Task[bytes] | None,
+    ) -> tuple[str, bool, asyncio.Task[bytes] | None]:
+        """One page: fetch (or take the prefetched one), ingest, account, move state."""
+        if self.stop.is_set():
+            raise Stopped
+        longpoll = caught_up and not self.once
+        try:
+            if ahead is not None:
+                body = await self._until_stopped(ahead, None)
+                ahead = None
+            else:
                 body = await self._fetch(since, limit, longpoll)
-            except CouchBadSince as exc:
-                since = await self._restart(conn, f"CouchDB refused the stored seq ({exc})")
-                continue
-            if body is None:  # idle check interval passed while caught up
-                since = await self._check_rewind(conn, since)
-                continue
+        except CouchBadSince as exc:
+            return await self._restart(conn, f"CouchDB refused the stored seq ({exc})"), False, None
+        if body is None:  # idle check interval passed while caught up
+            return await self._check_rewind(conn, since), caught_up, None
+        trailer = None if longpoll else page_trailer(body)
+        if trailer is not None and trailer[1] != 0:
+            # More is pending (or the server does not say): CouchDB sends the next page while
+            # Postgres ingests this one. Used only if this page ends at the seq the trailer said.
+            ahead = asyncio.ensure_future(self.client.changes(
+                self.db, trailer[0], limit, heartbeat_ms=self.cfg.heartbeat_ms))
+            # If it is dropped unread, its error (if any) must not be reported as unretrieved.
+            ahead.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
             result = await self.store.ingest(conn, self.name, body, limit, force=self.resync)
-            backoff.reset()
-            if result.last_seq is None:
-                raise CouchError(f"CouchDB sent an unreadable _changes page for {self.name}")
-            self._account(result.written, result.refused, result.pending, result.last_seq)
-            log.debug(
-                "page source=%s changes=%d written=%d pending=%s seq=%s",
-                self.name, result.changes, result.written, result.pending, _short(result.last_seq),
-            )
-            since = result.last_seq
-            now_caught_up = (
-                result.pending == 0 if result.pending is not None else result.changes < limit
-            )
-            if now_caught_up and not caught_up and not longpoll:
-                # Some servers echo an old seq back for a recreated database: compare.
-                checked = await self._check_rewind(conn, since)
-                if checked != since:  # restarting from 0: not caught up after all
-                    since = checked
-                    continue
-            if now_caught_up != caught_up:
-                caught_up = now_caught_up
-                if caught_up:
-                    self.stats.caught_up_at = time.monotonic()
-                    if self.resync:
-                        await self.store.end_resync(conn, self.name)
-                        self.resync = False
-                        log.info("resync done source=%s", self.name)
-                await self._set_state("following" if caught_up else "catching up", None)
-            if caught_up and self.once:
-                self.done.set()
-                return
+        except BaseException:
+            if ahead is not None:
+                ahead.cancel()
+            raise
+        if ahead is not None and (trailer is None or result.last_seq != trailer[0]):
+            ahead.cancel()
+            ahead = None
+        backoff.reset()
+        if result.last_seq is None:
+            if ahead is not None:
+                ahead.cancel()
+            raise CouchError(f"CouchDB sent an unreadable _changes page for {self.name}")
+        self._account(result.written, result.refused, result.pending, result.last_seq)
+        log.debug(
+            "page source=%s changes=%d written=%d pending=%s seq=%s",
+            self.name, result.changes, result.written, result.pending, _short(result.last_seq),
+        )
+        since = result.last_seq
+        now_caught_up = result.pending == 0 if result.pending is not None else result.changes < limit
+        if now_caught_up and not caught_up and not longpoll:
+            # Some servers echo an old seq back for a recreated database: compare.
+            checked = await self._check_rewind(conn, since)
+            if checked != since:  # restarting from 0: not caught up after all
+                if ahead is not None:
+                    ahead.cancel()
+                return checked, False, None
+        if now_caught_up != caught_up:
+            caught_up = now_caught_up
+            if caught_up:
+                self.stats.caught_up_at = time.monotonic()
+                if self.resync:
+                    await self.store.end_resync(conn, self.name)
+                    self.resync = False
+                    log.info("resync done source=%s", self.name)
+            await self._set_state("following" if caught_up else "catching up", None)
+        if caught_up and self.once:
+            self.done.set()
+        return since, caught_up, ahead
 
     # -- pieces -----------------------------------------------------------------------------
 
