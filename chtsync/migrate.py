@@ -14,7 +14,7 @@ from yoyo import read_migrations
 from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import DatabaseURI
 
-from chtsync import adopt, db, paths
+from chtsync import adopt, db, paths, queries
 from chtsync.config import Config
 
 log = logging.getLogger("chtsync.migrate")
@@ -62,17 +62,15 @@ def _ensure_schema(cfg: Config) -> None:
 
 
 def plan(cfg: Config, legacy_source: str | None = None) -> MigrationPlan:
-    _ensure_schema(cfg)
+    """What `apply` would do. Read-only: creates neither the schema nor yoyo's own tables."""
+    ids = [m.id for m in read_migrations(str(paths.migrations_dir()))]
     with db.connect(cfg, autocommit=True) as conn:
         adoption = adopt.inspect(cfg, conn, legacy_source)
-    backend = _backend(cfg)
-    try:
-        migrations = read_migrations(str(paths.migrations_dir()))
-        pending = backend.to_apply(migrations)
-        applied = [m.id for m in migrations if m.id not in {p.id for p in pending}]
-        return MigrationPlan(applied=applied, pending=[m.id for m in pending], adoption=adoption)
-    finally:
-        backend.connection.close()
+        done: set[str] = set()
+        if conn.execute(queries.get("yoyo_table_exists")).fetchone()[0]:
+            done = {row[0] for row in conn.execute(queries.get("applied_migrations"))}
+    return MigrationPlan(applied=[i for i in ids if i in done], pending=[i for i in ids if i not in done],
+                         adoption=adoption)
 
 
 def apply(cfg: Config, legacy_source: str | None = None) -> list[str]:

@@ -23,3 +23,10 @@ def test_custom_schema_and_table(dbname: str, pg: psycopg.Connection) -> None:
     # A second run finds nothing to do.
     assert migrate.apply(cfg) == []
     assert migrate.plan(cfg).pending == []
+
+
+def test_dry_run_changes_nothing(dbname: str, pg: psycopg.Connection) -> None:
+    cfg = make_config(dbname, POSTGRES_SCHEMA="not_yet")
+    plan = migrate.plan(cfg)
+    assert plan.applied == [] and plan.pending[0] == "0001.raw-tables"
+    assert pg.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'not_yet'").fetchone() == (0,)

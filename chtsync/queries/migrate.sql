@@ -1,0 +1,7 @@
+-- Named queries of chtsync.migrate (read-only: `migrate --dry-run` changes nothing).
+
+-- name: yoyo_table_exists
+SELECT to_regclass('_yoyo_migration') IS NOT NULL
+
+-- name: applied_migrations
+SELECT migration_id FROM _yoyo_migration
