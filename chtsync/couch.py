@@ -139,9 +139,6 @@ class CouchClient:
     def _db_path(db: str) -> str:
         return "/" + urllib.parse.quote(db, safe="")
 
-    async def server_info(self) -> dict[str, Any]:
-        return (await self._get("/", None)).json()
-
     async def db_info(self, db: str) -> DbInfo:
         data = (await self._get(self._db_path(db), db)).json()
         return DbInfo(
