@@ -56,7 +56,6 @@ class SourceStats:
     pages: int = 0
     refused: int = 0
     caught_up_at: float | None = None  # monotonic time when last caught up
-    last_change_at: float | None = None  # wall time of the last page that wrote rows
     errors: dict[str, int] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
 
@@ -323,8 +322,6 @@ class Follower:
         s.seq = seq
         if refused:
             self._count_error("refused_document", refused)
-        if written:
-            s.last_change_at = time.time()
 
     def _count_error(self, kind: str, n: int = 1) -> None:
         self.stats.errors[kind] = self.stats.errors.get(kind, 0) + n

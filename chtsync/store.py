@@ -109,11 +109,10 @@ class Store:
             if not is_data_error(exc):
                 raise
             log.warning("page refused source=%s reason=%s; splitting", source, _reason(exc))
-            return await self._ingest_split(conn, source, body, limit, exc, force)
+            return await self._ingest_split(conn, source, body, limit, force)
 
     async def _ingest_split(
-        self, conn: psycopg.AsyncConnection, source: str, body: bytes, limit: int,
-        first_error: BaseException, force: bool,
+        self, conn: psycopg.AsyncConnection, source: str, body: bytes, limit: int, force: bool,
     ) -> PageResult:
         """Store what Postgres accepts, record what it refuses, checkpoint: one transaction."""
         try:
