@@ -418,7 +418,7 @@ def _model_conflicts(cfg: Config, conn: psycopg.Connection, rels: dict[str, Rela
     recorded: set[str] = set()
     if "chtsync_models" in rels:
         recorded = {r[0] for r in conn.execute(
-            sql.SQL("SELECT name FROM {}").format(sql.Identifier(cfg.schema, "chtsync_models")))}
+            queries.get("recorded_models"))}  # the pipeline's query; search_path is the schema
     return sorted(n for n in names & set(rels) if n not in recorded and n != cfg.table)
 
 

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from chtsync import config, logs, sample, service
+from chtsync import config, logs, queries, sample, service
 from chtsync.localservers import PG_SYSTEM_USER, EmbeddedPostgres, LocalServerError, PouchDBServer
 
 log = logging.getLogger("chtsync.demo")
@@ -166,7 +166,7 @@ def _start(
     pg.start()
     # A fresh database every run: a kept data folder from an earlier run must not mix in.
     with psycopg.connect(**pg.conninfo(), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(PG_DB)))
+        conn.execute(queries.compose("drop_database", db=sql.Identifier(PG_DB)))
     pg.create_database(PG_DB)
     console.print(f"PostgreSQL 18 (embedded) ready in {time.monotonic() - started:.1f} s, socket in {pg.socket_dir}")
     if pouch is None:
@@ -399,7 +399,7 @@ def _landed(seen: dict[str, float], live: set[str]) -> bool:
 async def _rows(conn: psycopg.AsyncConnection, cfg: config.Config, name: str) -> int | None:
     """Rows in a model, or None while it does not exist or is not populated yet."""
     try:
-        cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(cfg.schema, name)))
+        cur = await conn.execute(queries.compose("count_rows", model=sql.Identifier(cfg.schema, name)))
     except (psycopg.errors.UndefinedTable, psycopg.errors.ObjectNotInPrerequisiteState):
         return None
     row = await cur.fetchone()
@@ -421,7 +421,7 @@ async def _watch(
     stop: asyncio.Event,
 ) -> None:
     """Note when each trickled report first shows up in data_record (100 ms resolution)."""
-    query = sql.SQL("SELECT uuid FROM {} WHERE uuid = ANY(%s)").format(sql.Identifier(cfg.schema, "data_record"))
+    query = queries.compose("uuids_present", relation=sql.Identifier(cfg.schema, "data_record"))
     while not stop.is_set():
         waiting = [i for i in trickled.created if i not in seen]
         if waiting:
@@ -436,9 +436,7 @@ async def _fill(
     conn: psycopg.AsyncConnection, cfg: config.Config, summary: Summary, expected: dict[str, int], refused: int
 ) -> None:
     cur = await conn.execute(
-        sql.SQL("SELECT name, kind, extract(epoch FROM now() - last_success_at)::int FROM {} ORDER BY name").format(
-            sql.Identifier(cfg.schema, "chtsync_models")
-        )
+        queries.compose("model_ages", models=sql.Identifier(cfg.schema, "chtsync_models"))
     )
     for name, kind, age in await cur.fetchall():
         summary.models[name] = {

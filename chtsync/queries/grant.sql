@@ -7,7 +7,7 @@ SELECT 1 FROM pg_roles WHERE rolname = %s
 CREATE ROLE {role} NOLOGIN
 
 -- name: set_login_password
--- Utility statements take no bind parameters: {password} is a quoted literal.
+-- Utility statements take no bind parameters: the password is a quoted literal.
 ALTER ROLE {role} LOGIN PASSWORD {password}
 
 -- name: grant_schema

@@ -5,3 +5,6 @@ SELECT to_regclass('_yoyo_migration') IS NOT NULL
 
 -- name: applied_migrations
 SELECT migration_id FROM _yoyo_migration
+
+-- name: create_schema
+CREATE SCHEMA IF NOT EXISTS {schema}

@@ -167,3 +167,19 @@ UPDATE chtsync_models SET
     last_status = %(status)s,
     last_error = %(error)s
 WHERE name = %(name)s
+
+-- name: create_object
+-- DDL of a model or of a restored view: the body is the model's SELECT, the suffix WITH DATA or empty.
+CREATE {kind} {relation} AS {body}{suffix}
+
+-- name: create_model_index
+CREATE {unique}INDEX {index} ON {relation} USING {method} ({columns})
+
+-- name: create_key_index
+CREATE INDEX {index} ON {relation} ({column})
+
+-- name: grant_privilege
+GRANT {privilege} ON {relation} TO {grantee}{grant_option}
+
+-- name: drop_object
+DROP {kind} {relation}
