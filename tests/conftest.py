@@ -1,4 +1,9 @@
-"""Shared fixtures: a fresh Postgres database per test (migrated template), pouchdb-server."""
+"""Shared fixtures: a fresh Postgres database per test (migrated template), and the CouchDB servers.
+
+CouchDB servers: the real Apache CouchDB 3.4 (`couchdb_server`, the reference; unpacked from
+../shared/couchdb/ or CHTSYNC_TEST_COUCHDB_URL) and pouchdb-server (`pouch_server`). `couch` and
+`cfg_factory` use the real CouchDB; a test marked `both_servers` runs once on each.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from pytest_postgresql import factories
 
 from chtsync import config as config_mod
 from chtsync import migrate
-from tests.servers import ADMIN, CouchAdmin, PouchServer
+from tests.servers import ADMIN, COUCHDB_TARBALL, CouchAdmin, CouchDBServer, ExternalCouchDB, PouchServer
 
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
@@ -68,10 +73,47 @@ def pouch_server() -> Iterator[PouchServer]:
     server.close()
 
 
+@pytest.fixture(scope="session")
+def couchdb_server() -> Iterator[CouchDBServer | ExternalCouchDB]:
+    """The real Apache CouchDB 3 of the whole test run.
+
+    The release from ../shared/couchdb/ when present, else CHTSYNC_TEST_COUCHDB_URL (any CouchDB 3,
+    e.g. in Docker: http://admin:pass@127.0.0.1:5984), else skip; under CI=true a missing CouchDB
+    fails instead of skipping.
+    """
+    if COUCHDB_TARBALL.exists():
+        server = CouchDBServer().start()
+    elif os.environ.get("CHTSYNC_TEST_COUCHDB_URL"):
+        server = ExternalCouchDB(os.environ["CHTSYNC_TEST_COUCHDB_URL"])
+    else:
+        reason = (f"no real CouchDB: {COUCHDB_TARBALL} is absent and CHTSYNC_TEST_COUCHDB_URL is unset")
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    yield server
+    server.close()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "couch_impl" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_servers"):
+        metafunc.parametrize("couch_impl", ["couchdb", "pouchdb"])
+
+
 @pytest.fixture
-def couch(pouch_server: PouchServer, request: pytest.FixtureRequest) -> Iterator[CouchAdmin]:
-    """Admin client on the shared pouchdb-server; databases made by the test are dropped after."""
-    admin = pouch_server.client()
+def couch_impl() -> str:
+    """Which CouchDB a test talks to; `@pytest.mark.both_servers` parametrizes it over both."""
+    return "couchdb"
+
+
+@pytest.fixture
+def couch_server(couch_impl: str, request: pytest.FixtureRequest) -> CouchDBServer | ExternalCouchDB | PouchServer:
+    return request.getfixturevalue("couchdb_server" if couch_impl == "couchdb" else "pouch_server")
+
+
+@pytest.fixture
+def couch(couch_server) -> Iterator[CouchAdmin]:
+    """Admin client on the test's server; databases made by the test are dropped after."""
+    admin = couch_server.client()
     before = set(admin.http.get("/_all_dbs").json())
     yield admin
     for db in set(admin.http.get("/_all_dbs").json()) - before:
@@ -79,11 +121,12 @@ def couch(pouch_server: PouchServer, request: pytest.FixtureRequest) -> Iterator
 
 
 @pytest.fixture
-def cfg_factory(dbname: str, pouch_server: PouchServer):
+def cfg_factory(dbname: str, couch_server):
     """Build a Config for this test's databases: cfg_factory(dbs="a,b", **env)."""
 
     def build(dbs: str = "medic", url: str | None = None, **env: str) -> config_mod.Config:
-        return make_config(dbname, url or pouch_server.url, COUCHDB_DBS=dbs, **env)
+        auth = {"COUCHDB_USER": couch_server.auth[0], "COUCHDB_PASSWORD": couch_server.auth[1]}
+        return make_config(dbname, url or couch_server.url, COUCHDB_DBS=dbs, **{**auth, **env})
 
     return build
 

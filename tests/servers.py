@@ -1,4 +1,5 @@
-"""Real servers for tests: pouchdb-server (a CouchDB-API server) and a cuttable TCP proxy."""
+"""Real servers for tests: Apache CouchDB 3.4 (the reference), pouchdb-server (a second CouchDB-API
+implementation) and a cuttable TCP proxy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -19,6 +21,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 POUCHDB_BIN = ROOT / "node_modules" / ".bin" / "pouchdb-server"
 ADMIN = ("admin", "s3cret-Pa55")
+# The Apache CouchDB release built for these machines (see ../shared/couchdb/README.md); another
+# location with CHTSYNC_TEST_COUCHDB_TARBALL. Absent: tests use CHTSYNC_TEST_COUCHDB_URL, else skip.
+COUCHDB_TARBALL = Path(os.environ.get(
+    "CHTSYNC_TEST_COUCHDB_TARBALL",
+    ROOT.parent / "shared" / "couchdb" / "couchdb-3.4.3-debian12-x86_64.tar.gz",
+))
 
 
 def free_port() -> int:
@@ -29,6 +37,9 @@ def free_port() -> int:
 
 class PouchServer:
     """pouchdb-server in memory on loopback, with an admin user (basic auth required to write)."""
+
+    auth = ADMIN
+    kind = "pouchdb"
 
     def __init__(self, port: int | None = None) -> None:
         if not POUCHDB_BIN.exists():
@@ -73,14 +84,102 @@ class PouchServer:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def client(self) -> CouchAdmin:
-        return CouchAdmin(self.url)
+        return CouchAdmin(self.url, self.auth)
+
+
+class CouchDBServer:
+    """A real Apache CouchDB 3 from the release tarball: single node, loopback, its own data dir.
+
+    `kill()` is kill -9 of the server; `start()` again on the same data dir keeps the data.
+    """
+
+    auth = ADMIN
+    kind = "couchdb"
+
+    def __init__(self, tarball: Path = COUCHDB_TARBALL, port: int | None = None) -> None:
+        self.tarball = tarball
+        self.port = port or free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="couchdb-"))
+        self.datadir = self.workdir / "data"
+        self.pid: int | None = None
+        with tarfile.open(tarball) as tar:
+            tar.extractall(self.workdir, filter="tar")
+        [self.release] = [p for p in self.workdir.iterdir() if (p / "start-couchdb.sh").exists()]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> CouchDBServer:
+        proc = subprocess.run(
+            [str(self.release / "start-couchdb.sh"), str(self.port), str(self.datadir), *ADMIN],
+            capture_output=True, text=True, timeout=120,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"CouchDB did not start: {proc.stderr.strip()[-2000:]}")
+        self.pid = int(proc.stdout.strip().splitlines()[-1])
+        return self
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, as a crash or an OOM kill would leave it."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            _wait_gone(self.pid)
+            self.pid = None
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            subprocess.run([str(self.release / "stop-couchdb.sh"), str(self.pid)],
+                           capture_output=True, timeout=60)
+            self.kill()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def client(self) -> CouchAdmin:
+        return CouchAdmin(self.url, self.auth)
+
+
+class ExternalCouchDB:
+    """A CouchDB 3 the developer runs (e.g. in Docker), named by CHTSYNC_TEST_COUCHDB_URL.
+
+    The URL carries the admin credentials: http://admin:pass@127.0.0.1:5984.
+    """
+
+    kind = "couchdb"
+
+    def __init__(self, url: str) -> None:
+        parsed = httpx.URL(url)
+        self.url = str(parsed.copy_with(username=None, password=None)).rstrip("/")
+        self.auth = (parsed.username or ADMIN[0], parsed.password or ADMIN[1])
+
+    def client(self) -> CouchAdmin:
+        return CouchAdmin(self.url, self.auth)
+
+    def close(self) -> None:
+        pass
+
+
+def _wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    raise RuntimeError(f"process {pid} still alive after {timeout} s")
 
 
 class CouchAdmin:
     """A small synchronous client to arrange CouchDB state in tests."""
 
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, auth=ADMIN, timeout=60,
+    def __init__(self, url: str, auth: tuple[str, str] = ADMIN) -> None:
+        self.http = httpx.Client(base_url=url, auth=auth, timeout=60,
                                  headers={"Content-Type": "application/json"})
 
     def create_db(self, db: str) -> None:
