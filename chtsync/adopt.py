@@ -27,7 +27,8 @@ import psycopg
 from psycopg import sql
 
 from chtsync import queries
-from chtsync.config import Config, ConfigError
+from chtsync.config import Config
+from chtsync.errors import AdoptError
 
 log = logging.getLogger("chtsync.adopt")
 
@@ -41,10 +42,6 @@ RAW_INDEXES = (("saved_timestamp", "saved_timestamp"), ("_deleted", "deleted"),
 TEXT_TYPES = {"text", "character varying"}
 DBT_TABLES = {"_dataemon": "dbt's package and manifest store (CHT Sync's dbt runner)",
               "dbt_results": "dbt run results (CHT Pipeline's on-run-end hook)"}
-
-
-class AdoptError(ConfigError):
-    """The database cannot be adopted as it is; the message says why and what to do."""
 
 
 def ident_name(table: str, suffix: str) -> str:

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from chtsync import __version__, logs
-from chtsync.config import Config, ConfigError, load
+from chtsync.config import Config, load
+from chtsync.errors import ChtsyncError
 
 # Modules exposing `register(subparsers)`; each adds its commands with set_defaults(func=...).
 # A command function takes (args) and returns an exit code.
@@ -59,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except ChtsyncError as exc:
         print(f"chtsync: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -19,15 +19,12 @@ from typing import Any
 import yaml
 
 from chtsync import paths
+from chtsync.errors import ConfigError
 
 log = logging.getLogger("chtsync.config")
 
 DEFAULT_CONFIG_NAMES = ("config.yaml",)
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-
-
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)

@@ -16,32 +16,7 @@ from typing import Any
 import httpx
 
 from chtsync.config import CouchSource
-
-
-class CouchError(Exception):
-    """A CouchDB call failed. `transient` errors are retried; the others need a person."""
-
-    def __init__(self, message: str, *, status: int | None = None, transient: bool = True) -> None:
-        super().__init__(message)
-        self.status = status
-        self.transient = transient
-
-
-class CouchAuthError(CouchError):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message, status=status, transient=False)
-
-
-class CouchNotFound(CouchError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=404, transient=False)
-
-
-class CouchBadSince(CouchError):
-    """HTTP 400 on `since`: the stored seq means nothing to this database (recreated?)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=400, transient=False)
+from chtsync.errors import CouchAuthError, CouchBadSince, CouchError, CouchNotFound
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import zlib
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from chtsync.config import Config, ConfigError
+from chtsync.config import Config
+from chtsync.errors import PostgresUnavailable, first_line
 
-IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# libpq's words for connection failures that waiting will not cure (it gives them no SQLSTATE).
+PERMANENT_CONNECT_ERRORS = ("authentication failed", "does not exist", "no pg_hba.conf entry",
+                            "password is required", "no password supplied")
 
 # First key of every advisory lock chtsync takes (two-int form): 'chts' in ASCII.
 LOCK_CLASS = 0x63687473
@@ -39,7 +41,7 @@ def table_ident(cfg: Config) -> sql.Identifier:
 
 def describe_error(cfg: Config, exc: BaseException) -> str:
     """One line for a Postgres failure, naming the server but never the password."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     for secret in cfg.secrets():
         text = text.replace(secret, "***")
     if isinstance(exc, psycopg.OperationalError) and not getattr(exc, "sqlstate", None):
@@ -51,7 +53,9 @@ def connect(cfg: Config, **kw: Any) -> psycopg.Connection:
     try:
         return psycopg.connect(conninfo(cfg), **kw)
     except psycopg.OperationalError as exc:
-        raise ConfigError(describe_error(cfg, exc)) from None
+        message = describe_error(cfg, exc)
+        permanent = any(words in message for words in PERMANENT_CONNECT_ERRORS)
+        raise PostgresUnavailable(message, permanent=permanent) from None
 
 
 async def connect_async(cfg: Config, **kw: Any) -> psycopg.AsyncConnection:

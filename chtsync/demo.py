@@ -32,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from chtsync import config, logs, queries, sample, service
+from chtsync.errors import ChtsyncError
 from chtsync.localservers import PG_SYSTEM_USER, EmbeddedPostgres, LocalServerError, PouchDBServer
 
 log = logging.getLogger("chtsync.demo")
@@ -105,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("\nInterrupted: stopping.")
         return 130
-    except (LocalServerError, sample.SampleError, config.ConfigError, DemoError, TimeoutError) as exc:
+    except (LocalServerError, sample.SampleError, ChtsyncError, DemoError, TimeoutError) as exc:
         console.print(f"[red]chtsync demo: {exc}[/red]")
         return 1
     finally:

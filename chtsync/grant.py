@@ -14,7 +14,7 @@ import os
 from psycopg import sql
 
 from chtsync import db, queries
-from chtsync.config import Config, ConfigError
+from chtsync.config import IDENT, Config, ConfigError
 
 WITHHELD = ("chtsync_errors",)  # plus the raw table
 
@@ -57,7 +57,7 @@ def cmd_grant_reader(args: argparse.Namespace) -> int:
     from chtsync.cli import load_config
 
     cfg = load_config(args)
-    if not db.IDENT_RE.match(args.role):
+    if not IDENT.match(args.role):
         raise ConfigError(f"role name {args.role!r}: use letters, digits and underscores")
     password = None
     if args.password_env:

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 import psycopg
 
 from chtsync import db, migrate
-from chtsync.config import Config, ConfigError
+from chtsync.config import Config
 from chtsync.couch import CouchClient
+from chtsync.errors import PostgresUnavailable
 from chtsync.follower import Follower, SourceStats
 
 log = logging.getLogger("chtsync.service")
-# libpq's words for connection failures that waiting will not cure.
-PERMANENT_CONNECT_ERRORS = ("authentication failed", "does not exist", "no pg_hba.conf entry")
 
 
 @dataclass
@@ -91,11 +90,9 @@ async def prepare(cfg: Config, *, models: bool = True) -> None:
             if models:
                 await asyncio.to_thread(_apply_models, cfg)
             return
-        except ConfigError as exc:
+        except PostgresUnavailable as exc:
             # A server that is not up yet is waited for; a wrong password or database is not.
-            if "cannot connect to Postgres" not in str(exc) or any(
-                permanent in str(exc) for permanent in PERMANENT_CONNECT_ERRORS
-            ):
+            if exc.permanent:
                 raise
             log.warning("%s; retrying in %.0f s", exc, delay)
             await asyncio.sleep(delay)

@@ -27,7 +27,8 @@ import yaml
 
 from chtsync import paths
 from chtsync.cli import load_config
-from chtsync.config import Config, ConfigError
+from chtsync.config import Config
+from chtsync.errors import ChtsyncError
 
 log = logging.getLogger("chtsync.superset")
 
@@ -508,7 +509,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             )
         uri = _uri(cfg, args)
         result = import_bundle(url, user, password, cfg.schema, uri, verify=not args.no_verify)
-    except (SupersetError, ConfigError) as exc:
+    except (SupersetError, ChtsyncError) as exc:
         text = str(exc)
         for secret in [*cfg.secrets(), password or ""]:
             if secret and len(secret) >= 3:

@@ -19,8 +19,9 @@ import psycopg
 import pytest
 
 from chtsync import adopt, cli, db, migrate, pipeline
-from chtsync.config import Config, ConfigError
+from chtsync.config import Config
 from chtsync.couch import CouchClient
+from chtsync.errors import AdoptError
 from chtsync.follower import Follower
 from tests.conftest import make_config
 from tests.servers import CouchAdmin, PouchServer, TcpProxy
@@ -379,10 +380,10 @@ def test_rows_without_source_need_a_choice_when_there_are_several_databases(
                " ('3', 0, now(), 'cht.example.org/medic-sentinel')")
     cfg = cfg_for(dbname, "https://cht.example.org", COUCHDB_DBS="medic,medic-sentinel")
     before, before_layout = rows(pg), layout(pg)
-    with pytest.raises(ConfigError, match=r"25,000 rows .* have no source.*--legacy-source"):
+    with pytest.raises(AdoptError, match=r"25,000 rows .* have no source.*--legacy-source"):
         migrate.apply(cfg)
     assert rows(pg) == before and layout(pg) == before_layout  # refused before touching anything
-    with pytest.raises(ConfigError, match="choose one of"):
+    with pytest.raises(AdoptError, match="choose one of"):
         migrate.apply(cfg, legacy_source="cht.example.org/nosuch")
     migrate.apply(cfg, legacy_source="cht.example.org/medic")
     after = rows(pg)
@@ -448,14 +449,14 @@ def test_layouts_that_cannot_be_adopted_are_refused(pg: psycopg.Connection, dbna
     pg.execute(f"CREATE SCHEMA {SCHEMA}; CREATE TABLE {SCHEMA}.couchdb (\"@version\" TEXT,"
                ' "@timestamp" TIMESTAMP, "_id" TEXT, "_rev" TEXT, doc jsonb, doc_as_upsert BOOLEAN,'
                ' UNIQUE ("_id", "_rev"))')
-    with pytest.raises(ConfigError, match="one row per revision"):
+    with pytest.raises(AdoptError, match="one row per revision"):
         migrate.apply(cfg_for(dbname))
     pg.execute(f"DROP SCHEMA {SCHEMA} CASCADE")
     # The stored seqs belong to other source names: adopting would store every document twice.
     pg.execute(CHT_SYNC_2.format(s=SCHEMA))
     pg.execute(f"INSERT INTO {SCHEMA}.couchdb VALUES (now(), 'a', false, 'CHT.example.org/medic', '{{}}')")
     pg.execute(f"INSERT INTO {SCHEMA}.couchdb_progress VALUES ('5', 0, now(), 'cht.example.org/medic')")
-    with pytest.raises(ConfigError, match="would not be used"):
+    with pytest.raises(AdoptError, match="would not be used"):
         migrate.apply(cfg_for(dbname, "http://10.0.0.5:5984"))
     assert "_rev" not in {r[1] for r in layout(pg)[0]}
 

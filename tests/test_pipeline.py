@@ -19,6 +19,7 @@ from psycopg import sql
 
 from chtsync import cli, db, migrate, pipeline
 from chtsync.config import Config, ConfigError
+from chtsync.errors import ModelBuildError, PlanConflict
 from chtsync.pipeline import graph
 from chtsync.pipeline.models import load_file
 from tests.conftest import make_config
@@ -267,7 +268,7 @@ def test_apply_is_atomic(pg: psycopg.Connection, cfg: Config, models: ModelsFile
     before, recorded = oids(pg, "live", "by_type", "snapshot", "person"), records(pg)
     models.set("live", "SELECT _id FROM couchdb")  # by_type's GROUP BY type now fails
     models.set("extra", "SELECT 1 AS x", kind="table")
-    with pytest.raises(ConfigError, match="model 'by_type': column \"type\" does not exist"):
+    with pytest.raises(ModelBuildError, match="model 'by_type': column \"type\" does not exist"):
         pipeline.apply(cfg, pg)
     assert oids(pg, "live", "by_type", "snapshot", "person", "extra") == {**before, "extra": None}
     assert records(pg) == recorded
@@ -285,7 +286,7 @@ def test_foreign_objects_are_refused_then_adopted(pg: psycopg.Connection, cfg: C
     base_models(models)
     plan = pipeline.plan(cfg, pg)
     assert plan.conflicts == ["person"]
-    with pytest.raises(ConfigError, match=r"not created by chtsync.*: person.*--adopt"):
+    with pytest.raises(PlanConflict, match=r"not created by chtsync.*: person.*--adopt"):
         pipeline.apply(cfg, pg)
     assert oids(pg, "live")["live"] is None  # nothing was done
     pipeline.apply(cfg, pg, adopt=True)
@@ -300,7 +301,7 @@ def test_foreign_objects_are_refused_then_adopted(pg: psycopg.Connection, cfg: C
     assert pg.execute("SELECT * FROM dash.people").fetchall() == [("p1", "ANN")]
     # A view that cannot survive the change stops the apply with its name.
     models.set("person", "SELECT _id AS uuid FROM couchdb", kind="incremental", unique_key=["uuid"])
-    with pytest.raises(ConfigError, match=r"cannot recreate dash\.people"):
+    with pytest.raises(ModelBuildError, match=r"cannot recreate dash\.people"):
         pipeline.apply(cfg, pg)
 
 

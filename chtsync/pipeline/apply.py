@@ -17,7 +17,8 @@ import psycopg
 from psycopg import sql
 
 from chtsync import db
-from chtsync.config import Config, ConfigError
+from chtsync.config import Config
+from chtsync.errors import ModelBuildError, PlanConflict
 from chtsync.pipeline import graph
 from chtsync.pipeline.graph import Model, Pipeline
 from chtsync.pipeline.session import autocommit, first_line, q, value
@@ -190,8 +191,8 @@ def create_model(conn: psycopg.Connection, model: Model) -> int | None:
     return rows
 
 
-def _conflict_error(plan: Plan) -> ConfigError:
-    return ConfigError(
+def _conflict_error(plan: Plan) -> PlanConflict:
+    return PlanConflict(
         "models apply: these objects exist but were not created by chtsync, so they are left"
         f" alone: {', '.join(plan.conflicts)}. Rename the models, drop the objects, or run"
         " `chtsync models apply --adopt` to replace them (in one transaction)"
@@ -227,7 +228,7 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                 try:
                     rows = create_model(conn, model)
                 except psycopg.Error as exc:
-                    raise ConfigError(f"model '{model.name}': {first_line(exc)}") from None
+                    raise ModelBuildError(f"model '{model.name}': {first_line(exc)}") from None
                 conn.execute(q("record_created"), {
                     "name": model.name, "kind": model.kind, "hash": model.hash, "rows": rows,
                     "ms": (time.monotonic() - started) * 1000,
@@ -236,7 +237,7 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
             try:
                 _restore(conn, view)
             except psycopg.Error as exc:
-                raise ConfigError(
+                raise ModelBuildError(
                     f"models apply: cannot recreate {view.schema}.{view.name}, a view built on a model"
                     f" being replaced or dropped: {first_line(exc)}. Change or drop that view first"
                 ) from None
@@ -251,5 +252,5 @@ def _run(conn: psycopg.Connection, name: str, statement: sql.Composable) -> None
         conn.execute(statement)
     except psycopg.errors.DependentObjectsStillExist as exc:
         detail = exc.diag.message_detail or ""
-        raise ConfigError(f"models apply: cannot drop '{name}': other objects depend on it: "
+        raise PlanConflict(f"models apply: cannot drop '{name}': other objects depend on it: "
                           f"{' '.join(detail.split())}") from None

@@ -17,7 +17,8 @@ import pglast
 from pglast import ast
 from pglast.stream import RawStream
 
-from chtsync.config import Config, ConfigError
+from chtsync.config import Config
+from chtsync.errors import ModelsFileError
 from chtsync.pipeline.models import RAW, ModelSpec, load_file
 
 
@@ -68,19 +69,19 @@ def parse_select(where: str, text: str) -> ast.SelectStmt:
     try:
         stmts = pglast.parse_sql(text)
     except pglast.parser.ParseError as exc:
-        raise ConfigError(f"{where}: 'sql' is not valid SQL: {exc}") from None
+        raise ModelsFileError(f"{where}: 'sql' is not valid SQL: {exc}") from None
     if len(stmts) != 1 or not isinstance(stmts[0].stmt, ast.SelectStmt):
-        raise ConfigError(f"{where}: 'sql' must hold exactly one SELECT statement")
+        raise ModelsFileError(f"{where}: 'sql' must hold exactly one SELECT statement")
     select = stmts[0].stmt
     if select.intoClause is not None:
-        raise ConfigError(f"{where}: 'sql' must be a plain SELECT, not SELECT ... INTO")
+        raise ModelsFileError(f"{where}: 'sql' must be a plain SELECT, not SELECT ... INTO")
     return select
 
 
-def _unknown(where: str, what: str, name: str, disabled: set[str]) -> ConfigError:
+def _unknown(where: str, what: str, name: str, disabled: set[str]) -> ModelsFileError:
     if name in disabled:
-        return ConfigError(f"{where}: {what} '{name}', which is disabled (enabled: false)")
-    return ConfigError(
+        return ModelsFileError(f"{where}: {what} '{name}', which is disabled (enabled: false)")
+    return ModelsFileError(
         f"{where}: {what} '{name}', which is neither a model nor the raw table '{RAW}'"
         f" (qualify an external relation with its schema, e.g. public.{name})"
     )
@@ -104,7 +105,7 @@ def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str) -
                 rv.relname = table
         elif rv.relname in names:
             if rv.relname == spec.name:
-                raise ConfigError(f"{where}: the SQL reads the model itself")
+                raise ModelsFileError(f"{where}: the SQL reads the model itself")
             if rv.relname not in deps:
                 deps.append(rv.relname)
         else:
@@ -132,12 +133,12 @@ def _hash(model: Model, upstream: list[str]) -> str:
 
 
 def build(specs: list[ModelSpec], table: str = RAW) -> Pipeline:
-    """Resolve, order and hash the enabled models; raise ConfigError on any inconsistency."""
+    """Resolve, order and hash the enabled models; raise ModelsFileError on any inconsistency."""
     enabled = [s for s in specs if s.enabled]
     disabled = {s.name for s in specs if not s.enabled}
     names = {s.name for s in enabled}
     if table != RAW and table in names:
-        raise ConfigError(f"model '{table}': 'name' is the raw table's name (POSTGRES_TABLE)")
+        raise ModelsFileError(f"model '{table}': 'name' is the raw table's name (POSTGRES_TABLE)")
     resolved: dict[str, Model] = {}
     for spec in enabled:
         resolved[spec.name] = _resolve(spec, names, disabled, table)
@@ -146,7 +147,7 @@ def build(specs: list[ModelSpec], table: str = RAW) -> Pipeline:
         order = list(sorter.static_order())
     except graphlib.CycleError as exc:
         cycle = exc.args[1]
-        raise ConfigError(f"models form a cycle: {' -> '.join(cycle)}") from None
+        raise ModelsFileError(f"models form a cycle: {' -> '.join(cycle)}") from None
     models: dict[str, Model] = {}
     for name in order:
         model = resolved[name]

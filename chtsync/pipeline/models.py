@@ -1,4 +1,4 @@
-"""Reading models.yaml: every model checked strictly, every problem one ConfigError naming it."""
+"""Reading models.yaml: every model checked strictly, every problem one ModelsFileError naming it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from chtsync.config import IDENT, ConfigError
+from chtsync.config import IDENT
+from chtsync.errors import ModelsFileError
 
 KINDS = ("view", "materialized_view", "table", "incremental")
 INDEX_METHODS = ("btree", "hash", "gin", "gist", "brin")
@@ -47,8 +48,8 @@ class ModelSpec:
     description: str = ""
 
 
-def _fail(where: str, message: str) -> ConfigError:
-    return ConfigError(f"{where}: {message}")
+def _fail(where: str, message: str) -> ModelsFileError:
+    return ModelsFileError(f"{where}: {message}")
 
 
 def _names(where: str, key: str, value: Any, allow_empty: bool = False) -> tuple[str, ...]:
@@ -146,19 +147,19 @@ def load_file(path: Path) -> list[ModelSpec]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"models file {path} not found: check CHTSYNC_MODELS / pipeline.models") from None
+        raise ModelsFileError(f"models file {path} not found: check CHTSYNC_MODELS / pipeline.models") from None
     except OSError as exc:
-        raise ConfigError(f"models file {path}: {exc.strerror}") from None
+        raise ModelsFileError(f"models file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"models file {path}{where}: not valid YAML") from None
+        raise ModelsFileError(f"models file {path}{where}: not valid YAML") from None
     if not isinstance(data, Mapping) or set(data) != {"models"} or not isinstance(data["models"], list):
-        raise ConfigError(f"models file {path}: expected one top-level key 'models' holding a list")
+        raise ModelsFileError(f"models file {path}: expected one top-level key 'models' holding a list")
     specs = [_model(path.parent, i, raw) for i, raw in enumerate(data["models"])]
     seen: set[str] = set()
     for spec in specs:
         if spec.name in seen:
-            raise ConfigError(f"model '{spec.name}': 'name' is used by two models in {path}")
+            raise ModelsFileError(f"model '{spec.name}': 'name' is used by two models in {path}")
         seen.add(spec.name)
     return specs

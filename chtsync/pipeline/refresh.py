@@ -20,6 +20,7 @@ from psycopg import sql
 
 from chtsync import db
 from chtsync.config import Config, ConfigError
+from chtsync.errors import ModelsFileError, PostgresUnavailable
 from chtsync.pipeline import graph
 from chtsync.pipeline.graph import Model, Pipeline
 from chtsync.pipeline.session import autocommit, first_line, q, value
@@ -283,16 +284,24 @@ async def _wait_any(timeout: float | None, *events: asyncio.Event) -> None:
 
 async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event) -> None:
     """The service's refresh: every cfg.refresh_interval seconds, and DEBOUNCE seconds after
-    `wake` is set (new rows committed), until `stop`. Errors are logged and retried."""
+    `wake` is set (new rows committed), until `stop`. Database errors are logged and retried; a
+    broken models file is reported once and left alone until the file changes."""
     conn: psycopg.Connection | None = None
+    broken_file: float | None = None  # mtime of a models file that failed to load
     try:
         while not stop.is_set():
             wake.clear()
             try:
-                if conn is None or conn.closed or conn.broken:
-                    conn = await asyncio.to_thread(db.connect, cfg, autocommit=True)
-                await _refresh_until_stop(cfg, conn, stop)
-            except (psycopg.Error, ConfigError) as exc:
+                if broken_file is None or broken_file != _mtime(cfg):
+                    broken_file = None
+                    if conn is None or conn.closed or conn.broken:
+                        conn = await asyncio.to_thread(db.connect, cfg, autocommit=True)
+                    await _refresh_until_stop(cfg, conn, stop)
+            except ModelsFileError as exc:
+                # Retrying cannot fix a file: wait for someone to edit it.
+                broken_file = _mtime(cfg)
+                log.error("refresh paused until %s changes: %s", cfg.models, exc)
+            except (psycopg.Error, PostgresUnavailable) as exc:
                 log.warning("refresh: %s; retrying in %.0f s", first_line(exc), cfg.refresh_interval)
                 if conn is not None and (conn.broken or conn.closed):
                     conn = None
@@ -302,6 +311,13 @@ async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event) ->
     finally:
         if conn is not None:
             await asyncio.to_thread(conn.close)
+
+
+def _mtime(cfg: Config) -> float:
+    try:
+        return cfg.models.stat().st_mtime
+    except OSError:
+        return -1.0
 
 
 async def _refresh_until_stop(cfg: Config, conn: psycopg.Connection, stop: asyncio.Event) -> None:

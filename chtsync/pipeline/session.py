@@ -10,6 +10,9 @@ import psycopg
 from psycopg import pq, sql
 
 from chtsync import queries
+from chtsync.errors import first_line
+
+__all__ = ["autocommit", "first_line", "q", "value"]
 
 
 @contextmanager
@@ -36,8 +39,3 @@ def value(conn: psycopg.Connection, name: str, params: Any = None, *, prepare: b
           **identifiers: sql.Composable) -> Any:
     row = conn.execute(q(name, **identifiers), params, prepare=prepare).fetchone()
     return None if row is None else row[0]
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
