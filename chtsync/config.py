@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
+import ssl
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -138,7 +140,17 @@ def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _scalar(key: str, value: Any) -> Any:
+    """A YAML list or mapping where one value belongs is refused, not turned into its repr."""
+    if isinstance(value, (list, tuple, dict)):
+        raise ConfigError(f"{key}: expected a single value, got a YAML {type(value).__name__}")
+    return value
+
+
 def _int(key: str, value: Any, minimum: int = 0, maximum: int = 2**31 - 1) -> int:
+    _scalar(key, value)
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
     try:
         number = int(str(value).strip())
     except ValueError:
@@ -149,16 +161,20 @@ def _int(key: str, value: Any, minimum: int = 0, maximum: int = 2**31 - 1) -> in
 
 
 def _float(key: str, value: Any, minimum: float = 0.0) -> float:
+    _scalar(key, value)
     try:
         number = float(str(value).strip())
     except ValueError:
         raise ConfigError(f"{key}: expected a number of seconds, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number of seconds, got {value!r}")
     if number < minimum:
         raise ConfigError(f"{key}: must be at least {minimum}, got {number}")
     return number
 
 
 def _bool(key: str, value: Any) -> bool:
+    _scalar(key, value)
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -170,15 +186,21 @@ def _bool(key: str, value: Any) -> bool:
 
 
 def _ident(key: str, value: Any) -> str:
-    text = str(value).strip()
+    text = str(_scalar(key, value)).strip()
     if not IDENT.match(text):
         raise ConfigError(
             f"{key}: {text!r} is not a plain SQL name (letters, digits, underscore; max 63)"
         )
+    if text != text.lower():
+        # Postgres folds unquoted names to lower case: model SQL and readers would not find it.
+        raise ConfigError(f"{key}: {text!r} has capital letters, which SQL needs quoted everywhere:"
+                          f" use {text.lower()!r}")
     return text
 
 
 def _dbs(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a list of CouchDB databases, got a YAML mapping")
     items = value if isinstance(value, list) else re.split(r"[\s,]+", str(value or ""))
     dbs = tuple(str(db).strip() for db in items if str(db).strip())
     if not dbs:
@@ -196,10 +218,13 @@ def _secret(key: str, direct: Any, file_key: str, file_value: Any) -> str | None
     """A password given directly or, Docker-secrets style, as the path of a file holding it."""
     if file_value:
         try:
-            return Path(str(file_value)).read_text().rstrip("\r\n")
+            return Path(str(_scalar(file_key, file_value))).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"{file_key}: cannot read {file_value}: {exc.strerror}") from None
-    return None if direct is None else str(direct)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file_key}: {file_value} is not UTF-8 text: write the password in UTF-8"
+                              ) from None
+    return None if direct is None else str(_scalar(key, direct))
 
 
 def _split_url(key: str, url: str) -> tuple[str, str | None, str | None]:
@@ -207,11 +232,17 @@ def _split_url(key: str, url: str) -> tuple[str, str | None, str | None]:
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{key}: expected http(s)://host:port, got a value that is not a URL")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (port is None and parts.netloc.rsplit("]", 1)[-1].endswith(":")):
+        raise ConfigError(f"{key}: the port must be a number between 1 and 65535")
     user = urllib.parse.unquote(parts.username) if parts.username else None
     password = urllib.parse.unquote(parts.password) if parts.password else None
     netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    if parts.port:
-        netloc += f":{parts.port}"
+    if port:
+        netloc += f":{port}"
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")), user, password
 
 
@@ -224,8 +255,8 @@ def _couch_source(key: str, data: Mapping[str, Any], env: Mapping[str, str] | No
             return e[env_key]
         return data.get(yaml_key, default)
 
-    url_value = pick("COUCHDB_URL", "url")
-    user = pick("COUCHDB_USER", "user")
+    url_value = _scalar(f"{key}.url", pick("COUCHDB_URL", "url"))
+    user = _scalar(f"{key}.user", pick("COUCHDB_USER", "user"))
     password = _secret(
         f"{key}.password", pick("COUCHDB_PASSWORD", "password"),
         "COUCHDB_PASSWORD_FILE" if e.get("COUCHDB_PASSWORD_FILE") else f"{key}.password_file",
@@ -238,7 +269,7 @@ def _couch_source(key: str, data: Mapping[str, Any], env: Mapping[str, str] | No
         password = password or url_password
         host = urllib.parse.urlsplit(url).hostname or ""
     else:
-        host = pick("COUCHDB_HOST", "host")
+        host = _scalar("COUCHDB_HOST" if e.get("COUCHDB_HOST") else f"{key}.host", pick("COUCHDB_HOST", "host"))
         if not host:
             raise ConfigError(
                 "COUCHDB_HOST is not set: set it (or COUCHDB_URL, or couchdb.host in config.yaml)"
@@ -254,14 +285,21 @@ def _couch_source(key: str, data: Mapping[str, Any], env: Mapping[str, str] | No
                 user = user or url_user
                 password = password or url_password
                 host = urllib.parse.urlsplit(url).hostname or host
+            elif "@" in host:
+                # Never echo it: what precedes the @ is a password.
+                raise ConfigError("COUCHDB_HOST: holds credentials (user:password@host): give the host name"
+                                  " only and the credentials in COUCHDB_USER and COUCHDB_PASSWORD")
             else:
                 raise ConfigError(f"COUCHDB_HOST: give a host name only, got {host!r}")
+        elif "@" in host:
+            raise ConfigError("COUCHDB_HOST: holds credentials (user@host): give the host name only and the"
+                              " credentials in COUCHDB_USER and COUCHDB_PASSWORD")
         else:
             url = f"{'https' if secure else 'http'}://{host}:{port}"
     dbs = _dbs("COUCHDB_DBS", pick("COUCHDB_DBS", "dbs", "medic"))
     # Host names are case-insensitive; couch2pg wrote them lowercased (URL parsing), so do we.
     host = host.lower()
-    instance = str(pick("CHTSYNC_INSTANCE", "instance", host) or host)
+    instance = str(_scalar(f"{key}.instance", pick("CHTSYNC_INSTANCE", "instance", host)) or host)
     if "/" in instance or not instance:
         raise ConfigError(f"{key}.instance: {instance!r} must be a non-empty label without '/'")
     return CouchSource(
@@ -271,15 +309,32 @@ def _couch_source(key: str, data: Mapping[str, Any], env: Mapping[str, str] | No
         user=None if user is None else str(user),
         password=password,
         verify_tls=_bool(f"{key}.verify_tls", pick("COUCHDB_VERIFY_TLS", "verify_tls", True)),
-        ca_file=pick("COUCHDB_CA_FILE", "ca_file"),
+        ca_file=_ca_file("COUCHDB_CA_FILE" if e.get("COUCHDB_CA_FILE") else f"{key}.ca_file",
+                         pick("COUCHDB_CA_FILE", "ca_file")),
     )
+
+
+def _ca_file(key: str, value: Any) -> str | None:
+    """The CA bundle is loaded now, so that a missing or wrong file stops chtsync before it starts."""
+    if value in (None, ""):
+        return None
+    path = str(_scalar(key, value))
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path} not found: give the path of the CA certificate (PEM)") from None
+    except (ssl.SSLError, ValueError):
+        raise ConfigError(f"{key}: {path} holds no PEM certificate: give the CA certificate file") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    return path
 
 
 def _postgres(data: Mapping[str, Any], env: Mapping[str, str]) -> PostgresConfig:
     def pick(env_key: str, yaml_key: str, default: Any = None) -> Any:
         if env.get(env_key):
             return env[env_key]
-        return data.get(yaml_key, default)
+        return _scalar(f"postgres.{yaml_key}", data.get(yaml_key, default))
 
     extra: dict[str, str] = {}
     base: dict[str, Any] = {}
@@ -302,8 +357,12 @@ def _postgres(data: Mapping[str, Any], env: Mapping[str, str]) -> PostgresConfig
         "POSTGRES_PASSWORD_FILE", pick("POSTGRES_PASSWORD_FILE", "password_file"),
     )
     port = pick("POSTGRES_PORT", "port", base.get("port"))
+    host = pick("POSTGRES_HOST", "host", base.get("host"))
+    if host is not None and "@" in str(host):
+        raise ConfigError("POSTGRES_HOST: holds credentials (user:password@host): give the host name only"
+                          " and the credentials in POSTGRES_USER and POSTGRES_PASSWORD")
     return PostgresConfig(
-        host=pick("POSTGRES_HOST", "host", base.get("host")),
+        host=None if host is None else str(host),
         port=None if port in (None, "") else _int("POSTGRES_PORT", port, 1, 65535),
         user=pick("POSTGRES_USER", "user", base.get("user")),
         password=password,
@@ -316,9 +375,11 @@ def _postgres(data: Mapping[str, Any], env: Mapping[str, str]) -> PostgresConfig
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found: check --config / CHTSYNC_CONFIG") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text: save it as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
     try:
@@ -379,9 +440,9 @@ def load(
     if len(set(names)) != len(names):
         raise ConfigError("sources: two sources share an instance label; set 'instance' on each")
 
-    models_value = env.get("CHTSYNC_MODELS") or pipeline.get("models")
+    models_value = env.get("CHTSYNC_MODELS") or _scalar("pipeline.models", pipeline.get("models"))
     if models_value:
-        models = Path(models_value)
+        models = Path(str(models_value))
         if not models.is_absolute() and file and not env.get("CHTSYNC_MODELS"):
             models = (file.parent / models).resolve()
     else:
@@ -389,10 +450,10 @@ def load(
     interval = env.get("CHTSYNC_INTERVAL") or env.get("DATAEMON_INTERVAL") or pipeline.get("interval", 5)
     metrics_port = env.get("METRICS_PORT") or metrics.get("port")
     verify_interval = env.get("VERIFY_INTERVAL") or verify.get("interval")
-    level = str(env.get("LOG_LEVEL") or logs.get("level", "INFO")).upper()
+    level = str(env.get("LOG_LEVEL") or _scalar("log.level", logs.get("level", "INFO"))).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
-    fmt = str(env.get("LOG_FORMAT") or logs.get("format", "text")).lower()
+    fmt = str(env.get("LOG_FORMAT") or _scalar("log.format", logs.get("format", "text"))).lower()
     if fmt not in {"text", "json"}:
         raise ConfigError(f"LOG_FORMAT: expected text or json, got {fmt!r}")
     return Config(
@@ -403,10 +464,11 @@ def load(
         models=models,
         refresh_interval=_float("DATAEMON_INTERVAL", interval, 0.1),
         metrics_port=None if metrics_port in (None, "") else _int("METRICS_PORT", metrics_port, 1, 65535),
-        metrics_host=str(env.get("METRICS_HOST") or metrics.get("host", "0.0.0.0")),
+        metrics_host=str(env.get("METRICS_HOST") or _scalar("metrics.host", metrics.get("host", "0.0.0.0"))),
         log_level=level,
         log_format=fmt,
-        lease_seconds=_float("ha.lease_seconds", env.get("LEASE_SECONDS") or ha.get("lease_seconds", 10), 1),
+        lease_seconds=_float("LEASE_SECONDS" if env.get("LEASE_SECONDS") else "ha.lease_seconds",
+                             env.get("LEASE_SECONDS") or ha.get("lease_seconds", 10), 1),
         verify_interval=None if not verify_interval else _float("VERIFY_INTERVAL", verify_interval, 60),
         path=file,
     )

@@ -13,7 +13,7 @@ import os
 
 from psycopg import sql
 
-from chtsync import db, queries
+from chtsync import db, preflight, queries
 from chtsync.config import IDENT, Config, ConfigError
 
 WITHHELD = ("chtsync_errors",)  # plus the raw table
@@ -24,6 +24,8 @@ def grant_reader(cfg: Config, role: str, password: str | None = None, with_raw: 
     done = []
     ident = {"role": sql.Identifier(role), "schema": sql.Identifier(cfg.schema)}
     with db.connect(cfg) as conn, conn.transaction():
+        preflight.require_migrated(cfg, conn)
+        preflight.require_create_role(conn, role)
         if not conn.execute(queries.get("role_exists"), (role,)).fetchone():
             conn.execute(queries.compose("create_role", **ident))
             done.append(f"created role {role}")

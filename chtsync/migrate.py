@@ -14,7 +14,7 @@ from yoyo import read_migrations
 from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import DatabaseURI
 
-from chtsync import adopt, db, paths, queries
+from chtsync import adopt, db, paths, preflight, queries
 from chtsync.config import Config
 
 log = logging.getLogger("chtsync.migrate")
@@ -54,6 +54,7 @@ def _backend(cfg: Config) -> _Backend:
 
 def _ensure_schema(cfg: Config) -> None:
     with db.connect(cfg, autocommit=True) as conn:
+        preflight.require_create(cfg, conn)
         exists = conn.execute(
             "SELECT 1 FROM pg_namespace WHERE nspname = %s", (cfg.schema,)
         ).fetchone()

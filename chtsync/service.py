@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 
 import psycopg
 
 from chtsync import db, migrate
-from chtsync.config import Config
+from chtsync.config import Config, ConfigError
 from chtsync.couch import CouchClient
 from chtsync.errors import PostgresUnavailable
 from chtsync.follower import Follower, SourceStats
@@ -112,9 +115,16 @@ async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
     from chtsync import metrics, pipeline, verify
 
     runtime = runtime or Runtime(cfg)
-    await prepare(cfg)
+    # Found before anything is written: a broken models file, a metrics address we cannot bind.
+    pipeline.load(cfg)
+    server = start_metrics(runtime) if cfg.metrics_port else None
+    try:
+        await prepare(cfg)
+    except BaseException:
+        if server is not None:
+            server.shutdown()
+        raise
     runtime.postgres_ok = True
-    server = metrics.start(runtime) if cfg.metrics_port else None
     wake = asyncio.Event()
     tasks = [
         asyncio.create_task(follow_all(cfg, stop, once=once, runtime=runtime), name="followers"),
@@ -145,6 +155,24 @@ async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
             server.shutdown()
     log.info("stopped")
     return 0
+
+
+def start_metrics(runtime: Runtime) -> ThreadingHTTPServer:
+    """The metrics endpoint, bound now; a taken port or a wrong host is a setting to fix."""
+    from chtsync import metrics
+
+    cfg = runtime.cfg
+    try:
+        return metrics.start(runtime)
+    except socket.gaierror:
+        raise ConfigError(f"METRICS_HOST: cannot resolve {cfg.metrics_host!r}: give an address of this"
+                          " machine, e.g. 0.0.0.0 (all) or 127.0.0.1") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"METRICS_PORT: {cfg.metrics_host}:{cfg.metrics_port} is already in use:"
+                              " stop the other process or choose another port") from None
+        raise ConfigError(f"METRICS_HOST: cannot listen on {cfg.metrics_host}:{cfg.metrics_port}:"
+                          f" {exc.strerror}; give an address of this machine, e.g. 0.0.0.0") from None
 
 
 def install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:

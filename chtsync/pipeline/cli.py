@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from chtsync import db
+from chtsync import db, preflight
 from chtsync.cli import load_config
 from chtsync.pipeline.apply import Plan, apply, plan
 from chtsync.pipeline.refresh import rebuild, refresh_once
@@ -40,6 +40,7 @@ def _print_plan(result: Plan) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     with db.connect(cfg) as conn:
+        preflight.require_migrated(cfg, conn)
         result = plan(cfg, conn)
     _print_plan(result)
     if result.conflicts:
@@ -51,6 +52,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     with db.connect(cfg) as conn:
+        preflight.require_migrated(cfg, conn)
         result = apply(cfg, conn, adopt=args.adopt)
     _print_plan(result)
     print(f"applied: {result.summary()}" if result.changed else "models are up to date")
@@ -60,6 +62,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     with db.connect(cfg) as conn:
+        preflight.require_migrated(cfg, conn)
         results = refresh_once(cfg, conn, force=args.force)
     for r in results:
         rows = "" if r.rows is None else str(r.rows)
@@ -71,6 +74,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 def cmd_rebuild(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     with db.connect(cfg) as conn:
+        preflight.require_migrated(cfg, conn)
         r = rebuild(cfg, conn, args.name)
     print(f"rebuilt {r.name} ({r.kind}): {'' if r.rows is None else r.rows} rows in {r.duration_ms:.0f} ms")
     return 0

@@ -159,8 +159,8 @@ def build(specs: list[ModelSpec], table: str = RAW) -> Pipeline:
 
 def _texts(paths: list[Path]) -> tuple[str, ...] | None:
     try:
-        return tuple(p.read_text() for p in paths)
-    except OSError:
+        return tuple(p.read_text(encoding="utf-8") for p in paths)
+    except (OSError, UnicodeDecodeError):
         return None  # load_file reports it
 
 

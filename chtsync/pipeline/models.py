@@ -105,9 +105,11 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
         raise _fail(where, "'sql' must name the model's .sql file (relative to models.yaml)")
     sql_path = (base / sql_name).resolve()
     try:
-        text = sql_path.read_text()
+        text = sql_path.read_text(encoding="utf-8")
     except OSError as exc:
         raise _fail(where, f"'sql': cannot read {sql_path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise _fail(where, f"'sql': {sql_path} is not UTF-8 text: save it as UTF-8") from None
     unique_key = _names(where, "unique_key", raw["unique_key"]) if "unique_key" in raw else ()
     if kind == "incremental" and not unique_key:
         raise _fail(where, "'unique_key' is required for an incremental model (first column = document _id)")
@@ -145,9 +147,11 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
 def load_file(path: Path) -> list[ModelSpec]:
     """Every model of a models file, enabled or not, in file order."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelsFileError(f"models file {path} not found: check CHTSYNC_MODELS / pipeline.models") from None
+    except UnicodeDecodeError:
+        raise ModelsFileError(f"models file {path}: not UTF-8 text: save it as UTF-8") from None
     except OSError as exc:
         raise ModelsFileError(f"models file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
