@@ -170,8 +170,26 @@ def _restore(conn: psycopg.Connection, view: _SavedView) -> None:
             grant_option=sql.SQL(" WITH GRANT OPTION" if grant["grantable"] else "")))
 
 
+# VOLATILE built-ins that only produce a value; any other VOLATILE function may write.
+HARMLESS_VOLATILE = ("random", "random_normal", "clock_timestamp", "timeofday", "gen_random_uuid",
+                     "txid_current", "pg_current_xact_id")
+
+
+def check_read_only(conn: psycopg.Connection, model: Model) -> None:
+    """Refuse a model whose query calls a function that may write (graph.py refused the
+    statements and clauses that write): even a model cannot change what it reads."""
+    conn.execute(q("model_check_view", body=sql.SQL(model.sql)))
+    found = [row[0] for row in conn.execute(q("model_check_functions"), (list(HARMLESS_VOLATILE),))]
+    conn.execute(q("model_check_drop"))
+    if found:
+        raise ModelBuildError(
+            f"model '{model.name}': calls {', '.join(found)}, which may write (VOLATILE): a model only"
+            " reads; call a STABLE or IMMUTABLE function instead")
+
+
 def create_model(conn: psycopg.Connection, model: Model) -> int | None:
     """Create the model's object and indexes; return its row count (None for a view)."""
+    check_read_only(conn, model)
     name = sql.Identifier(model.name)
     suffix = sql.SQL(" WITH DATA" if model.kind == "materialized_view" else "")
     cur = conn.execute(q("create_object", kind=sql.SQL(CREATE[model.kind]), relation=name,

@@ -73,9 +73,49 @@ def parse_select(where: str, text: str) -> ast.SelectStmt:
     if len(stmts) != 1 or not isinstance(stmts[0].stmt, ast.SelectStmt):
         raise ModelsFileError(f"{where}: 'sql' must hold exactly one SELECT statement")
     select = stmts[0].stmt
-    if select.intoClause is not None:
-        raise ModelsFileError(f"{where}: 'sql' must be a plain SELECT, not SELECT ... INTO")
+    _read_only(where, select)
     return select
+
+
+# Statements and clauses that write or lock; refused anywhere in a model, CTEs and subqueries too.
+WRITES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+# Built-ins that change state outside the model (by name, any schema): refused where they appear.
+SIDE_EFFECT_FUNCTIONS = frozenset({
+    "nextval", "setval", "set_config", "pg_notify", "pg_terminate_backend", "pg_cancel_backend",
+    "pg_reload_conf", "pg_rotate_logfile", "pg_switch_wal", "pg_create_restore_point",
+    "pg_advisory_lock", "pg_advisory_xact_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock", "pg_try_advisory_xact_lock", "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock", "pg_advisory_unlock_all", "pg_sleep",
+    "lo_import", "lo_export", "lo_unlink", "lo_create", "lo_from_bytea", "lo_put", "lo_truncate",
+    "dblink", "dblink_exec", "dblink_send_query", "pg_file_write", "pg_file_unlink", "pg_file_rename",
+})
+
+
+def _read_only(where: str, node: object) -> None:
+    """A model is one read-only SELECT: no data-modifying statement (a CTE's included), no SELECT
+    INTO, no row locks, no call of a built-in with side effects. Postgres checks the functions
+    the query resolves to when the model is built (apply.check_read_only)."""
+    if isinstance(node, (list, tuple)):
+        for item in node:
+            _read_only(where, item)
+        return
+    if not isinstance(node, ast.Node):
+        return
+    if isinstance(node, WRITES):
+        verb = type(node).__name__.removesuffix("Stmt").upper()
+        raise ModelsFileError(f"{where}: 'sql' must only read, but it holds {verb} (in a WITH clause?):"
+                              " a model is one read-only SELECT")
+    if isinstance(node, ast.SelectStmt):
+        if node.intoClause is not None:
+            raise ModelsFileError(f"{where}: 'sql' must be a plain SELECT, not SELECT ... INTO")
+        if node.lockingClause:
+            raise ModelsFileError(f"{where}: 'sql' must not lock rows (FOR UPDATE / FOR SHARE):"
+                                  " a model only reads")
+    if isinstance(node, ast.FuncCall) and node.funcname[-1].sval.lower() in SIDE_EFFECT_FUNCTIONS:
+        raise ModelsFileError(f"{where}: 'sql' calls {node.funcname[-1].sval}(), which changes state"
+                              " outside the model: a model only reads")
+    for attr in node.__slots__:
+        _read_only(where, getattr(node, attr))
 
 
 def _unknown(where: str, what: str, name: str, disabled: set[str]) -> ModelsFileError:
