@@ -68,8 +68,15 @@ def index_name(model: str, suffix: str) -> str:
 
 
 def _compute(conn: psycopg.Connection, pipeline: Pipeline) -> Plan:
-    recorded = {r[0]: _Recorded(r[1], r[2]) for r in conn.execute(q("recorded_models"))}
+    recorded = {r[0]: (r[1], r[2]) for r in conn.execute(q("recorded_models"))}
     actual: dict[str, str] = dict(conn.execute(q("schema_relations")).fetchall())
+    return compute_plan(pipeline, recorded, actual)
+
+
+def compute_plan(pipeline: Pipeline, recorded_models: dict[str, tuple[str, str]], actual: dict[str, str]) -> Plan:
+    """The plan from what chtsync_models records (name -> (kind, hash)) and the relations in the
+    schema (name -> relkind). Pure: reads nothing."""
+    recorded = {name: _Recorded(kind, h) for name, (kind, h) in recorded_models.items()}
     plan = Plan()
     steps: dict[str, Step] = {}
     for m in pipeline.models.values():

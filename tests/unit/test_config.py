@@ -9,7 +9,7 @@ import pytest
 
 from chtsync.config import ConfigError, load
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 CHT_SYNC_ENV = {  # an .env as CHT Sync's documentation writes it
     "COUCHDB_USER": "medic", "COUCHDB_PASSWORD": "pass-word!", "COUCHDB_DBS": "medic medic-sentinel",
@@ -72,12 +72,49 @@ def test_password_files(tmp_path: Path) -> None:
     ({"COUCHDB_HOST": "h", "BATCH_SIZE": "0"}, "BATCH_SIZE: must be between 1 and 10000"),
     ({"COUCHDB_URL": "ftp://x"}, "COUCHDB_URL: expected http(s)://host:port"),
     ({"COUCHDB_HOST": "h", "LOG_LEVEL": "loud"}, "LOG_LEVEL: expected DEBUG"),
+    ({"COUCHDB_URL": "http://h:99999"}, "COUCHDB_URL: the port must be a number between 1 and 65535"),
+    ({"COUCHDB_URL": "http://h:0"}, "COUCHDB_URL: the port must be a number between 1 and 65535"),
+    ({"COUCHDB_HOST": "h", "LEASE_SECONDS": "inf"}, "LEASE_SECONDS: expected a finite number"),
+    ({"COUCHDB_HOST": "h", "DATAEMON_INTERVAL": "nan"}, "DATAEMON_INTERVAL: expected a finite number"),
+    ({"COUCHDB_HOST": "h", "VERIFY_INTERVAL": "-inf"}, "VERIFY_INTERVAL: expected a finite number"),
+    ({"COUCHDB_HOST": "h", "POSTGRES_SCHEMA": "V1"}, "POSTGRES_SCHEMA: 'V1' has capital letters"),
+    ({"COUCHDB_HOST": "h", "POSTGRES_TABLE": "CouchDB"}, "POSTGRES_TABLE: 'CouchDB' has capital letters"),
+    ({"COUCHDB_HOST": "u:secret@h"}, "COUCHDB_HOST: holds credentials"),
+    ({"COUCHDB_HOST": "u@h"}, "COUCHDB_HOST: holds credentials"),
+    ({"COUCHDB_HOST": "h", "POSTGRES_HOST": "u:secret@db"}, "POSTGRES_HOST: holds credentials"),
+    ({"COUCHDB_HOST": "h", "COUCHDB_CA_FILE": "/nonexistent/ca.pem"}, "COUCHDB_CA_FILE: /nonexistent/ca.pem not found"),
 ])
 def test_clear_errors(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(env=env, search=False)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("couchdb: {host: [a, b]}\n", "couchdb.host: expected a single value, got a YAML list"),
+    ("couchdb: {host: h}\npipeline: {models: [a]}\n", "pipeline.models: expected a single value"),
+    ("couchdb: {host: h, port: [1]}\n", "COUCHDB_PORT: expected a single value"),
+    ("couchdb: {host: h, dbs: {a: 1}}\n", "COUCHDB_DBS: expected a list of CouchDB databases"),
+    ("couchdb: {host: h}\npostgres: {schema: {a: 1}}\n", "postgres.schema: expected a single value"),
+    ("couchdb: {host: h}\nha: {lease_seconds: .inf}\n", "ha.lease_seconds: expected a finite number"),
+    ("couchdb: {host: h}\nmetrics: {host: [a]}\n", "metrics.host: expected a single value"),
+])
+def test_yaml_types(tmp_path: Path, yaml_text: str, message: str) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load(file, env={})
+
+
+def test_files_that_are_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_bytes("pässwörd".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"COUCHDB_PASSWORD_FILE: .* is not UTF-8"):
+        load(env={"COUCHDB_HOST": "h", "COUCHDB_PASSWORD_FILE": str(tmp_path / "pw")}, search=False)
+    (tmp_path / "c.yaml").write_bytes(b"couchdb: {host: h\xe4}\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(tmp_path / "c.yaml", env={})
 
 
 def test_yaml_mistakes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,41 @@
+"""The error tree and the one place that maps it to exit codes (the command line)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from chtsync import cli, commands, errors
+
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (errors.ConfigError("COUCHDB_HOST is not set"), 2),
+    (errors.ModelsFileError("model 'a': bad"), 2),
+    (errors.PrivilegeError("POSTGRES_USER: role x may not create schema v1"), 2),
+    (errors.NotMigrated("run `chtsync migrate` first"), 2),
+    (errors.PostgresUnavailable("cannot connect to Postgres at h:5432/db", permanent=True), 2),
+    (errors.PlanConflict("models apply: not created by chtsync"), 2),
+    (errors.ModelBuildError("model 'a': column x does not exist"), 2),
+    (errors.AdoptError("not a CHT Sync table"), 2),
+    (errors.CouchAuthError("CouchDB at h: wrong credentials", 401), 1),
+    (errors.ChtsyncError("something else"), 1),
+])
+def test_cli_maps_each_error_to_its_exit_code_and_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], exc: errors.ChtsyncError,
+        code: int) -> None:
+    def fail(args: argparse.Namespace) -> int:
+        raise exc
+
+    monkeypatch.setattr(commands, "cmd_migrate", fail)
+    assert cli.main(["migrate"]) == code
+    assert capsys.readouterr().err == f"chtsync: {exc}\n"
+
+
+def test_the_tree() -> None:
+    assert issubclass(errors.ModelsFileError, errors.ConfigError)
+    assert not issubclass(errors.PostgresUnavailable, errors.ConfigError)  # the service waits for it
+    for name in ("CouchError", "CouchAuthError", "CouchNotFound", "CouchBadSince"):
+        assert getattr(errors, name) is getattr(__import__("chtsync.couch").couch, name)
+    assert errors.first_line(ValueError("one\nDETAIL: two")) == "one"
+    assert errors.first_line(ValueError()) == "ValueError"
