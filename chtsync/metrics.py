@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from chtsync import db, status
+from chtsync import db, state
 from chtsync.couch import seq_number
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def start(runtime: Runtime) -> ThreadingHTTPServer:
 
 def _read_models(runtime: Runtime, seen: set[tuple[str, str]]) -> None:
     with db.connect(runtime.cfg, autocommit=True) as conn:
-        runtime.models = status.gather(runtime.cfg, conn, counts=False)["models"]
+        runtime.models = state.gather(runtime.cfg, conn, counts=False)["models"]
     for m in runtime.models:
         # Count each failed refresh once (a failure stays in the table until the next attempt).
         if m["status"] == "error" and (m["name"], m["last_refresh_at"]) not in seen:

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from chtsync import cli, commands, errors
+from chtsync import cli, errors
+from chtsync.cli import sync as commands
 
 
 @pytest.mark.parametrize(("exc", "code"), [

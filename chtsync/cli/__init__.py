@@ -1,4 +1,8 @@
-"""The `chtsync` command line. Each command lives in its own module and registers itself here."""
+"""The `chtsync` command line: argparse, configuration loading, printing and exit codes.
+
+Each command group lives in a module of this package and registers itself here. Nothing outside
+chtsync/cli/ imports it; the engine modules return results and raise chtsync.errors types.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +19,14 @@ from chtsync.errors import ChtsyncError
 # Modules exposing `register(subparsers)`; each adds its commands with set_defaults(func=...).
 # A command function takes (args) and returns an exit code.
 COMMAND_MODULES = [
-    "chtsync.commands",
-    "chtsync.status",
-    "chtsync.grant",
-    "chtsync.superset",
-    "chtsync.sample",
-    "chtsync.pipeline.cli",
-    "chtsync.demo",
-    "chtsync.verify",
+    "chtsync.cli.sync",
+    "chtsync.cli.status",
+    "chtsync.cli.grant",
+    "chtsync.cli.superset",
+    "chtsync.cli.sample",
+    "chtsync.cli.models",
+    "chtsync.cli.demo",
+    "chtsync.cli.verify",
 ]
 
 log = logging.getLogger("chtsync")
