@@ -28,7 +28,9 @@ from psycopg import sql
 
 from chtsync import queries
 from chtsync.config import Config
-from chtsync.errors import AdoptError
+from chtsync.couch import short_seq
+from chtsync.errors import AdoptError, first_line
+from chtsync.queries import q
 
 log = logging.getLogger("chtsync.adopt")
 
@@ -125,10 +127,10 @@ class Adoption:
         stored = dict(self.progress)
         for source in self.configured:
             seq = stored.get(source)
-            out.append(f"  follow {source}: " + (f"resumes from stored seq {_short(seq)}" if seq
+            out.append(f"  follow {source}: " + (f"resumes from stored seq {short_seq(seq)}" if seq
                                                  else "no stored seq, reads from the start"))
         for source in sorted(set(stored) - set(self.configured)):
-            out.append(f"  couchdb_progress row {source} (seq {_short(stored[source])}) is not followed"
+            out.append(f"  couchdb_progress row {source} (seq {short_seq(stored[source])}) is not followed"
                        " by this configuration: kept, unused")
         for item in self.left_alone:
             out.append(f"  left alone: {item}")
@@ -145,16 +147,6 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return f"{n:.1f} TB"
-
-
-def _short(seq: str | None) -> str:
-    if seq is None:
-        return "-"
-    return seq if len(seq) <= 24 else seq[:20] + "…"
-
-
-def q(query: str, **parts: sql.Composable) -> sql.Composable:
-    return queries.compose(query, **parts) if parts else sql.SQL(queries.get(query))
 
 
 # -- reading the catalog ---------------------------------------------------------------------
@@ -472,7 +464,7 @@ def run(cfg: Config, conn: psycopg.Connection, legacy_source: str | None = None)
         try:
             step.action(conn)
         except psycopg.Error as exc:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = first_line(exc)
             raise AdoptError(f"adopt: {step.what}: {text}. Run `chtsync migrate` again to resume") from None
         log.info("adopt step done in %.1f s: %s", time.monotonic() - started, step.what)
     for warning in adoption.warnings:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from chtsync.config import CouchSource
-from chtsync.errors import CouchAuthError, CouchBadSince, CouchError, CouchNotFound
+from chtsync.errors import CouchAuthError, CouchBadSince, CouchError, CouchNotFound, first_line
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,13 @@ def page_trailer(body: bytes) -> tuple[str, int | None] | None:
     except ValueError:
         return None
     return str(seq), int(match.group(2)) if match.group(2) else None
+
+
+def short_seq(seq: str | None, width: int = 16) -> str:
+    """A seq for people to read: opaque and long on CouchDB 3, so cut to `width` characters."""
+    if not seq:
+        return "-"
+    return seq if len(seq) <= width else seq[:width - 2] + "…"
 
 
 def seq_number(seq: str | None) -> int | None:
@@ -86,7 +93,7 @@ class CouchClient:
             raise CouchError(f"CouchDB at {self._where(db)} timed out") from None
         except httpx.TransportError as exc:
             reason = type(exc).__name__
-            text = str(exc).splitlines()[0] if str(exc) else ""
+            text = first_line(exc) if str(exc) else ""
             if "CERTIFICATE_VERIFY_FAILED" in text:
                 raise CouchError(
                     f"CouchDB at {self._where(db)}: its TLS certificate is not trusted ({text}):"

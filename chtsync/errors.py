@@ -16,7 +16,8 @@
      ├── ModelBuildError          Postgres refused a model while building it
      └── AdoptError               CHT Sync's tables cannot be taken over as they are
 
-Only the command line (chtsync/cli/) turns them into exit codes, with `exit_code`.
+Only the command line (chtsync/cli/) turns them into exit codes, with `exit_code`. `Stopped` is
+not among them: it is how a follower or a verify learns that the service is shutting down.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ class AdoptError(ChtsyncError):
     """The database cannot be adopted as it is; the message says why and what to do."""
 
     exit_code = 2
+
+
+class Stopped(Exception):
+    """The service is shutting down: the work in hand is abandoned (nothing half-written).
+    Never shown to anyone, so not a ChtsyncError."""
 
 
 def first_line(exc: BaseException) -> str:

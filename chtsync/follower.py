@@ -31,7 +31,9 @@ from chtsync.couch import (
     CouchNotFound,
     page_trailer,
     seq_number,
+    short_seq,
 )
+from chtsync.errors import Stopped
 from chtsync.store import Store
 
 log = logging.getLogger("chtsync.follower")
@@ -83,10 +85,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
-
-
-class Stopped(Exception):
-    """The service is shutting down."""
 
 
 class Follower:
@@ -222,7 +220,7 @@ class Follower:
         self._account(result.written, result.refused, result.pending, result.last_seq)
         log.debug(
             "page source=%s changes=%d written=%d pending=%s seq=%s",
-            self.name, result.changes, result.written, result.pending, _short(result.last_seq),
+            self.name, result.changes, result.written, result.pending, short_seq(result.last_seq),
         )
         since = result.last_seq
         now_caught_up = result.pending == 0 if result.pending is not None else result.changes < limit
@@ -336,7 +334,7 @@ class Follower:
             if reason:
                 log.log(level, "source=%s state=%s reason=%s", self.name, state, reason)
             else:
-                log.info("source=%s state=%s seq=%s", self.name, state, _short(self.stats.seq))
+                log.info("source=%s state=%s seq=%s", self.name, state, short_seq(self.stats.seq))
         if write and changed and self._conn is not None and not self._conn.closed:
             with contextlib.suppress(psycopg.Error):
                 await self._conn.execute(queries.get("set_source_state"), {
@@ -348,9 +346,3 @@ class Follower:
             with contextlib.suppress(Exception):
                 await self._conn.close()
             self._conn = None
-
-
-def _short(seq: str | None) -> str:
-    if seq is None:
-        return "-"
-    return seq if len(seq) <= 16 else seq[:12] + "…"

@@ -36,3 +36,8 @@ def get(name: str) -> str:
 def compose(name: str, **identifiers: sql.Composable) -> sql.Composed:
     """A named query with {placeholders} filled by properly quoted identifiers."""
     return sql.SQL(get(name)).format(**identifiers)
+
+
+def q(name: str, **identifiers: sql.Composable) -> sql.Composable:
+    """A named query, identifiers filled in when it has any (a query without any may hold `{`)."""
+    return compose(name, **identifiers) if identifiers else sql.SQL(get(name))

@@ -20,6 +20,7 @@ import psycopg
 
 from chtsync import queries
 from chtsync.config import Config
+from chtsync.errors import first_line
 
 log = logging.getLogger("chtsync.store")
 
@@ -203,4 +204,4 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
         code = f" [{exc.sqlstate}]" if exc.sqlstate else ""
         return f"{exc.diag.message_primary}{code}"
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first_line(exc)

@@ -33,6 +33,7 @@ import psycopg
 from chtsync import db, queries
 from chtsync.config import Config, CouchSource
 from chtsync.couch import CouchClient, CouchError, seq_number
+from chtsync.errors import Stopped, first_line
 from chtsync.follower import OWNER
 from chtsync.store import is_data_error, strip_nul
 
@@ -142,10 +143,6 @@ class SourceReport:
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-class Stopped(Exception):
-    """The service is shutting down: the verify is abandoned (nothing half-written)."""
 
 
 class SourceVerifier:
@@ -319,7 +316,7 @@ class SourceVerifier:
                 a = await self._repair_docs(ids[:half])
                 b = await self._repair_docs(ids[half:])
                 return a[0] + b[0], a[1] + b[1]
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             await self.conn.execute(queries.get("record_error"), (
                 self.name, ids[0], None, f"verify --repair: refused: {reason}", None))
             log.warning("repair refused source=%s id=%s reason=%s", self.name, ids[0], reason)

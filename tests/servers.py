@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from chtsync.localservers import PouchDBServer, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 POUCHDB_BIN = ROOT / "node_modules" / ".bin" / "pouchdb-server"
 ADMIN = ("admin", "s3cret-Pa55")
@@ -29,55 +31,16 @@ COUCHDB_TARBALL = Path(os.environ.get(
 ))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class PouchServer(PouchDBServer):
+    """The package's pouchdb-server launcher (in memory, loopback) with the tests' admin user."""
 
-
-class PouchServer:
-    """pouchdb-server in memory on loopback, with an admin user (basic auth required to write)."""
-
-    auth = ADMIN
     kind = "pouchdb"
 
     def __init__(self, port: int | None = None) -> None:
         if not POUCHDB_BIN.exists():
             raise RuntimeError("pouchdb-server missing: run `npm ci --ignore-scripts` in the repo")
-        self.port = port or free_port()
-        self.workdir = Path(tempfile.mkdtemp(prefix="pouchdb-"))
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> PouchServer:
-        # A fresh config each start: pouchdb-server hashes the admin password on first start.
-        (self.workdir / "config.json").write_text(json.dumps({"admins": {ADMIN[0]: ADMIN[1]}}))
-        self.proc = subprocess.Popen(
-            [str(POUCHDB_BIN), "-m", "-o", "127.0.0.1", "-p", str(self.port), "-n",
-             "-c", str(self.workdir / "config.json")],
-            cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pouchdb-server exited with {self.proc.returncode}")
-            time.sleep(0.1)
-        raise RuntimeError("pouchdb-server did not start within 30 s")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
+        super().__init__(Path(tempfile.mkdtemp(prefix="pouchdb-")), port, POUCHDB_BIN)
+        self.auth = ADMIN
 
     def close(self) -> None:
         self.stop()

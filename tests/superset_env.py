@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from chtsync.localservers import free_port
 
 SUPERSET_VERSION = "6.1.0"
 # 6.1.0 misses rich and cachetools; flask-caching 2.5 breaks its metastore cache.
@@ -80,12 +81,6 @@ def ensure_venv() -> Path:
                                        + "\n".join(tail))
         done.write_text(" ".join(PACKAGES) + "\n")
     return target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Superset:

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from chtsync import config as config_mod
+from chtsync.localservers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -540,12 +541,6 @@ def health_server() -> Iterator[int]:
         server.server_close()
 
 
-def _free_port() -> int:
-    with contextlib.closing(__import__("socket").socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_healthcheck_commands_pass_and_fail(tmp_path: Path) -> None:
     (check,) = [rest for w, rest in instructions(DOCKERFILE) if w == "HEALTHCHECK"]
     image_cmd = json.loads(check.split(" CMD ", 1)[1])
@@ -557,7 +552,7 @@ def test_healthcheck_commands_pass_and_fail(tmp_path: Path) -> None:
         with health_server() as port:
             ok = subprocess.run(py, env={**os.environ, "METRICS_PORT": str(port)}, timeout=30)
         assert ok.returncode == 0
-        down = subprocess.run(py, env={**os.environ, "METRICS_PORT": str(_free_port())},
+        down = subprocess.run(py, env={**os.environ, "METRICS_PORT": str(free_port())},
                               capture_output=True, timeout=30)
         assert down.returncode != 0
 
@@ -673,7 +668,7 @@ def test_superset_start_script_with_real_superset(tmp_path: Path) -> None:
     from tests import superset_env
 
     venv_dir = superset_env.ensure_venv()
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "superset_home"
     home.mkdir()
     # A metadata database left by an earlier run (admin with another password) skips the slow

@@ -9,13 +9,8 @@ from typing import Any
 
 from chtsync import db
 from chtsync.cli import load_config
+from chtsync.couch import short_seq
 from chtsync.state import gather
-
-
-def _short(seq: str | None) -> str:
-    if not seq:
-        return "-"
-    return seq if len(seq) <= 14 else seq[:12] + "…"
 
 
 def _age(iso: str | None, now: str) -> str:
@@ -44,7 +39,7 @@ def render(doc: dict[str, Any]) -> None:
         verified = "-" if v is None else (
             ("equal" if v["equal"] else f"{v['missing'] + v['stale'] + v['vanished']} differ")
             + f", {_age(v['at'], doc['now'])}")
-        t.add_row(s["source"], state, _short(s["seq"]), _num(s["pending"]), _num(s["docs"]),
+        t.add_row(s["source"], state, short_seq(s["seq"], 14), _num(s["pending"]), _num(s["docs"]),
                   _num(s["errors"]), _age(s["last_change_at"], doc["now"]), lag, verified)
     console.print(t)
     if doc["models"]:

@@ -10,6 +10,7 @@ import time
 
 from chtsync import migrate, service
 from chtsync.cli import load_config
+from chtsync.couch import short_seq
 from chtsync.follower import SourceStats
 
 log = logging.getLogger("chtsync")
@@ -67,7 +68,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"{'source':<40} {'state':<10} {'written':>9} {'refused':>8} {'docs/s':>8}  seq")
         for s in stats:
             rate = s.docs_written / elapsed if elapsed > 0 else 0.0
-            seq = (s.seq or "-") if len(s.seq or "") <= 20 else (s.seq or "")[:18] + "…"
+            seq = short_seq(s.seq, 20)
             print(f"{s.source:<40} {s.state:<10} {s.docs_written:>9} {s.refused:>8} {rate:>8.0f}  {seq}")
     failed = [s for s in stats if s.state == "error"]
     for s in failed:

@@ -9,8 +9,8 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-from chtsync import queries
 from chtsync.errors import first_line
+from chtsync.queries import q
 
 __all__ = ["autocommit", "first_line", "q", "value"]
 
@@ -28,11 +28,6 @@ def autocommit(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
     finally:
         if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
             conn.autocommit = previous
-
-
-def q(name: str, **identifiers: sql.Composable) -> sql.Composable:
-    """A named query of queries/pipeline.sql, identifiers filled in when it has any."""
-    return queries.compose(name, **identifiers) if identifiers else sql.SQL(queries.get(name))
 
 
 def value(conn: psycopg.Connection, name: str, params: Any = None, *, prepare: bool | None = None,
