@@ -127,10 +127,10 @@ class Adoption:
         stored = dict(self.progress)
         for source in self.configured:
             seq = stored.get(source)
-            out.append(f"  follow {source}: " + (f"resumes from stored seq {short_seq(seq)}" if seq
+            out.append(f"  follow {source}: " + (f"resumes from stored seq {short_seq(seq, 24)}" if seq
                                                  else "no stored seq, reads from the start"))
         for source in sorted(set(stored) - set(self.configured)):
-            out.append(f"  couchdb_progress row {source} (seq {short_seq(stored[source])}) is not followed"
+            out.append(f"  couchdb_progress row {source} (seq {short_seq(stored[source], 24)}) is not followed"
                        " by this configuration: kept, unused")
         for item in self.left_alone:
             out.append(f"  left alone: {item}")

@@ -25,7 +25,7 @@ from chtsync.errors import AdoptError
 from chtsync.follower import Follower
 from tests.conftest import make_config
 from tests.servers import CouchAdmin, PouchServer, TcpProxy
-from tests.syncutil import sync_once
+from tests.syncutil import sync_once, wait_until
 
 SCHEMA = "cht"  # the `pg` fixture's database already has chtsync's v1: CHT Sync's goes beside it
 COUCH3_SEQ = "12-g1AAAAJjeJyV0EEOgjAQBdC9p5i4VyM0BYjgRYxG0lJEEqHaQu\u2026".replace("\u2026", "x" * 40)
@@ -284,12 +284,12 @@ def test_cht_sync_2_database_switched_in_place(
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
-    time.sleep(0.2)
+    wait_until(lambda: bool(answers or failures), 30, "the dashboard's first answer")
     with db.connect(cfg, autocommit=True) as conn:
         started = time.monotonic()
         result = pipeline.apply(cfg, conn, adopt=True)
         ended = time.monotonic()
-        time.sleep(0.2)
+        wait_until(lambda: any(a[0] > ended for a in answers) or bool(failures), 30, "an answer after the swap")
         done.set()
         thread.join(10)
         assert not failures, failures[:3]
@@ -432,14 +432,21 @@ def test_swap_waits_for_readers_and_retries(pg: psycopg.Connection, dbname: str,
     holder = psycopg.connect(db.conninfo(cfg))
     holder.execute(f"SELECT count(*) FROM {SCHEMA}.couchdb")  # transaction left open
 
+    waited = threading.Event()
+
     def release() -> None:
-        time.sleep(1.0)
+        # Let go once the migration has been seen waiting for the table (and giving up: 100 ms).
+        with psycopg.connect(db.conninfo(cfg), autocommit=True) as watcher:
+            wait_until(lambda: watcher.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks AS l JOIN pg_database AS d ON d.oid = l.database"
+                " WHERE NOT l.granted AND d.datname = current_database() AND l.pid <> %s)",
+                (holder.info.backend_pid,)).fetchone()[0], 60, "the migration waiting for the lock")
+        waited.set()
         holder.rollback()
 
     threading.Thread(target=release, daemon=True).start()
-    started = time.monotonic()
     migrate.apply(cfg)
-    assert time.monotonic() - started >= 0.9
+    assert waited.is_set()
     holder.close()
     assert "PRIMARY KEY (_id, source)" in dict(layout(pg)[2])["couchdb_pkey"]
 
