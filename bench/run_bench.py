@@ -165,7 +165,7 @@ def freshness_and_idle(seconds: float, idle: float) -> tuple[str, str]:
 
 def canned_couch(total: int, port: int) -> None:
     """A CouchDB-API server answering _changes from generated CHT documents (run in a child)."""
-    from chtsync import sample
+    from chtsync import demo as sample
 
     docs = [d for db, d in sample.generate(min(total, 50_000), 11, bad=False) if db == "medic"]
 

@@ -22,7 +22,8 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import machine, write_section
-from chtsync import config, migrate, sample
+from chtsync import config, migrate
+from chtsync import demo as sample
 from chtsync.store import Store
 from tests.servers import ADMIN, PouchServer
 from tests.syncutil import sync_once
@@ -152,7 +153,7 @@ def main() -> None:
     body = "\n".join([
         f"`python bench/sync_bench.py --docs {args.docs} --couch-docs {args.couch_docs}` on"
         f" {machine(ADMIN_DSN)}, {time.strftime('%Y-%m-%d')}."
-        f" Documents from `chtsync.sample` (CHT-shaped, {avg:,.0f} bytes average).",
+        f" Documents from `chtsync.demo` (CHT-shaped, {avg:,.0f} bytes average).",
         "",
         *lines,
         "",

@@ -19,7 +19,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from chtsync import localservers, paths, sample
+from chtsync import demo as sample
+from chtsync import localservers, paths
 
 
 def test_embedded_postgres_18_starts_and_stops(tmp_path: Path) -> None:

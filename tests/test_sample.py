@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chtsync import cli, sample
+from chtsync import cli
+from chtsync import demo as sample
 from tests.servers import ADMIN, PouchServer
 
 N, SEED = 3000, 7

@@ -197,7 +197,7 @@ def _changes_pages(docs: list[dict[str, Any]], start: int) -> Iterator[tuple[int
 
 def ingest_sample(pg: psycopg.Connection, n: int, seed: int, end_ms: int) -> Counter[str]:
     """The sample, through the real ingest function, one transaction per _changes page."""
-    from chtsync import sample
+    from chtsync import demo as sample
 
     by_db: dict[str, list[dict[str, Any]]] = {}
     for couch_db, doc in sample.generate(n, seed, end_ms=end_ms, bad=False):

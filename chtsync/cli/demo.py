@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from chtsync import config, logs, queries, sample, service
+from chtsync import config, logs, queries, service
+from chtsync import demo as sample
 from chtsync.errors import ChtsyncError
 from chtsync.localservers import PG_SYSTEM_USER, EmbeddedPostgres, LocalServerError, PouchDBServer
 

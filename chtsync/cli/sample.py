@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from chtsync.sample import (
+from chtsync.demo import (
     DEFAULT_END_MS,
     MEDIC,
     MIN_DOCS,
