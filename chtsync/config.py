@@ -373,21 +373,24 @@ def _postgres(data: Mapping[str, Any], env: Mapping[str, str]) -> PostgresConfig
     )
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def yaml_file(path: Path, what: str, settings: str, error: type[ConfigError] = ConfigError) -> Any:
+    """The parsed YAML of a file; each failure is one `error` naming the file, and the line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found: check --config / CHTSYNC_CONFIG") from None
+        raise error(f"{what} {path} not found: check {settings}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path}: not UTF-8 text: save it as UTF-8") from None
+        raise error(f"{what} {path}: not UTF-8 text: save it as UTF-8") from None
     except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text) or {}
+        raise error(f"{what} {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+        raise error(f"{what} {path}{where}: not valid YAML") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    raw = yaml_file(path, "config file", "--config / CHTSYNC_CONFIG") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
     return raw

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from chtsync.config import IDENT
+from chtsync.config import IDENT, yaml_file
 from chtsync.errors import ModelsFileError
 
 KINDS = ("view", "materialized_view", "table", "incremental")
@@ -146,18 +144,7 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
 
 def load_file(path: Path) -> list[ModelSpec]:
     """Every model of a models file, enabled or not, in file order."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelsFileError(f"models file {path} not found: check CHTSYNC_MODELS / pipeline.models") from None
-    except UnicodeDecodeError:
-        raise ModelsFileError(f"models file {path}: not UTF-8 text: save it as UTF-8") from None
-    except OSError as exc:
-        raise ModelsFileError(f"models file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ModelsFileError(f"models file {path}{where}: not valid YAML") from None
+    data = yaml_file(path, "models file", "CHTSYNC_MODELS / pipeline.models", ModelsFileError)
     if not isinstance(data, Mapping) or set(data) != {"models"} or not isinstance(data["models"], list):
         raise ModelsFileError(f"models file {path}: expected one top-level key 'models' holding a list")
     specs = [_model(path.parent, i, raw) for i, raw in enumerate(data["models"])]
