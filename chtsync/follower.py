@@ -331,10 +331,15 @@ class Follower:
                             purge_seq=info.purge_seq if fresh else marks.purge_seq)
             await self.store.set_marks(conn, self.name, marks)
             self.marks = marks
-        if info.purge_seq is not None and info.purge_seq != marks.purge_seq:
-            await self._apply_purges(conn, info)
-        if caught_up and self.marks.verify_due:
-            await self._owed_verify(conn)
+        from chtsync import verify  # verify imports this module
+
+        try:
+            if info.purge_seq is not None and info.purge_seq != marks.purge_seq:
+                await self._apply_purges(conn, info)
+            if caught_up and self.marks.verify_due:
+                await self._owed_verify(conn)
+        except verify.Stopped:
+            raise Stopped from None
         return since
 
     async def _apply_purges(self, conn: psycopg.AsyncConnection, info: DbInfo) -> None:
@@ -368,12 +373,12 @@ class Follower:
     async def _owed_verify(self, conn: psycopg.AsyncConnection) -> None:
         """The verify --repair a recreated database or lost purges asked for, run now that the
         feed is caught up (the feed waits meanwhile); the debt is cleared only when it ran."""
-        from chtsync.verify import verify  # verify imports this module
+        from chtsync.verify import repair_source  # verify imports this module
 
         log.info("verify source=%s: %s", self.name, self.marks.verify_due)
-        reports = await verify(self.cfg, repair=True, only=[self.name], stop=self.stop)
-        if any(r.error for r in reports):
-            raise CouchError(f"owed verify of {self.name} failed: {reports[0].error}")
+        report = await repair_source(self.cfg, conn, self.client, self.db, self.stop)
+        if report.error:
+            raise CouchError(f"owed verify of {self.name} failed: {report.error}")
         marks = replace(self.marks, verify_due=None)
         await self.store.set_marks(conn, self.name, marks)
         self.marks = marks

@@ -406,6 +406,19 @@ async def _verify_one(
     return report
 
 
+async def repair_source(
+    cfg: Config, conn: psycopg.AsyncConnection, client: CouchClient, dbname: str,
+    stop: asyncio.Event | None = None,
+) -> SourceReport:
+    """verify --repair of one database by its own follower, on the follower's session and
+    client, with the feed paused (so there is nothing in flight to wait for); recorded."""
+    report = await _verify_one(
+        cfg, conn, client, client.source, dbname, repair=True, page_size=PAGE_SIZE, settle=0.2,
+        max_wait=0.0, stop=stop, skip_catching_up=False)
+    await _record(conn, report)
+    return report
+
+
 def _log(report: SourceReport) -> None:
     counts = " ".join(f"{k}={report.count(k)}" for k in KINDS)
     if report.error:
