@@ -24,6 +24,18 @@ class DbInfo:
     doc_count: int
     doc_del_count: int
     update_seq: str
+    # CouchDB 3: the database's creation time ("1796003678"); another value = recreated.
+    # None where the server has no such thing (CouchDB 2 says "0"; pouchdb-server).
+    instance: str | None = None
+    # Opaque, moves with every purge; None where the server has no _purge (pouchdb-server).
+    purge_seq: str | None = None
+
+
+def _instance(data: dict[str, Any]) -> str | None:
+    value = data.get("instance_start_time")
+    # Only CouchDB 3's creation time (seconds since the epoch, equal to the shard suffix) says
+    # which database this is; "0" (CouchDB 2) or anything else says nothing.
+    return value if isinstance(value, str) and value.isdigit() and value != "0" else None
 
 
 # The end of a _changes body: `"last_seq":<seq>[,"pending":N]}`. Read to fetch the next page
@@ -127,7 +139,21 @@ class CouchClient:
             doc_count=int(data.get("doc_count", 0)),
             doc_del_count=int(data.get("doc_del_count", 0)),
             update_seq=str(data.get("update_seq")),
+            instance=_instance(data),
+            purge_seq=None if data.get("purge_seq") is None else str(data["purge_seq"]),
         )
+
+    async def purged_ids(self, db: str) -> list[str]:
+        """Ids of the purges CouchDB still remembers (`_purged_infos`, the latest
+        `_purged_infos_limit` per shard at least), without duplicates."""
+        data = (await self._get(self._db_path(db) + "/_purged_infos", db)).json()
+        infos = data.get("purged_infos") if isinstance(data, dict) else None
+        ids = [i["id"] for i in infos or [] if isinstance(i, dict) and isinstance(i.get("id"), str)]
+        return list(dict.fromkeys(ids))
+
+    async def purged_infos_limit(self, db: str) -> int:
+        value = (await self._get(self._db_path(db) + "/_purged_infos_limit", db)).json()
+        return int(value) if isinstance(value, int) else 1000
 
     async def changes(
         self, db: str, since: str, limit: int, *, longpoll: bool = False, heartbeat_ms: int = 10000

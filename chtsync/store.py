@@ -1,6 +1,6 @@
 """Postgres writes of the sync engine: one _changes page = one transaction = one function call.
 
-The page travels as the bytes CouchDB sent; chtsync_ingest_v1 (migrations/0002) unpacks it,
+The page travels as the bytes CouchDB sent; chtsync_ingest_v2 (migrations/0007) unpacks it,
 upserts and moves the checkpoint. Only when Postgres refuses a page does Python look inside it,
 to split it down to the refused documents and record them in chtsync_errors.
 """
@@ -49,6 +49,15 @@ class PageResult:
     refused: int = 0
 
 
+@dataclass
+class SourceMarks:
+    """What a source's checkpoint belongs to, beside the seq (chtsync_sources, migrations/0007)."""
+
+    instance: str | None = None  # CouchDB 3 database creation time
+    purge_seq: str | None = None  # purges applied up to here
+    verify_due: str | None = None  # why a verify --repair is owed, if one is
+
+
 @contextlib.contextmanager
 def _deep_json() -> Iterator[None]:
     """CouchDB accepts documents nested thousands of levels deep; so must the split path."""
@@ -77,31 +86,35 @@ class Store:
         self.q_ingest = queries.get("ingest_page")
         self.q_error = queries.get("record_error")
 
-    async def checkpoint(self, conn: psycopg.AsyncConnection, source: str) -> tuple[str | None, bool]:
-        """(stored seq, whether a resync from 0 is under way)."""
+    async def checkpoint(self, conn: psycopg.AsyncConnection, source: str) -> tuple[str | None, SourceMarks]:
+        """(stored seq, what it belongs to)."""
         cur = await conn.execute(queries.get("get_checkpoint"), {"source": source})
         row = await cur.fetchone()
-        return (row[0], bool(row[1])) if row else (None, False)
+        return (row[0], SourceMarks(row[1], row[2], row[3])) if row else (None, SourceMarks())
 
-    async def reset_checkpoint(self, conn: psycopg.AsyncConnection, source: str, reason: str) -> None:
-        """Start a source over from 0 (rows are kept; replay is harmless), as a resync."""
+    async def set_marks(self, conn: psycopg.AsyncConnection, source: str, marks: SourceMarks) -> None:
+        await conn.execute(queries.get("set_source_marks"), {
+            "source": source, "instance": marks.instance, "purge_seq": marks.purge_seq,
+            "verify_due": marks.verify_due})
+
+    async def reset_checkpoint(
+        self, conn: psycopg.AsyncConnection, source: str, reason: str, marks: SourceMarks,
+    ) -> None:
+        """Start a source over from 0 on another database (rows are kept; replay is harmless),
+        with that database's marks, in one transaction."""
         async with conn.transaction():
             await conn.execute(queries.get("reset_checkpoint"), {"source": source})
-            await conn.execute(queries.get("start_resync"), {"source": source})
+            await self.set_marks(conn, source, marks)
             await conn.execute(self.q_error, (source, None, None, reason, None))
-
-    async def end_resync(self, conn: psycopg.AsyncConnection, source: str) -> None:
-        await conn.execute(queries.get("end_resync"), {"source": source})
 
     async def ingest(
         self, conn: psycopg.AsyncConnection, source: str, body: bytes, limit: int,
-        *, force: bool = False,
     ) -> PageResult:
         body = strip_nul(body)
         try:
             async with conn.transaction():
                 cur = await conn.execute(
-                    self.q_ingest, (self.table, source, _text(body), limit, True, force)
+                    self.q_ingest, (self.table, source, _text(body), limit, True)
                 )
                 row = await cur.fetchone()
             assert row is not None
@@ -110,10 +123,10 @@ class Store:
             if not is_data_error(exc):
                 raise
             log.warning("page refused source=%s reason=%s; splitting", source, _reason(exc))
-            return await self._ingest_split(conn, source, body, limit, force)
+            return await self._ingest_split(conn, source, body, limit)
 
     async def _ingest_split(
-        self, conn: psycopg.AsyncConnection, source: str, body: bytes, limit: int, force: bool,
+        self, conn: psycopg.AsyncConnection, source: str, body: bytes, limit: int,
     ) -> PageResult:
         """Store what Postgres accepts, record what it refuses, checkpoint: one transaction."""
         try:
@@ -135,12 +148,12 @@ class Store:
         last_seq = page.get("last_seq")
         totals = PageResult(None, None, len(results), 0)
         async with conn.transaction():
-            await self._store_parts(conn, source, results, totals, force)
+            await self._store_parts(conn, source, results, totals)
             # The checkpoint moves with the accepted rows and the error records, together.
             cur = await conn.execute(self.q_ingest, (
                 self.table, source,
                 json.dumps({"results": [], "last_seq": last_seq, **_pending(page, len(results), limit)}),
-                None, True, force,
+                None, True,
             ))
             row = await cur.fetchone()
         assert row is not None
@@ -149,7 +162,7 @@ class Store:
 
     async def _store_parts(
         self, conn: psycopg.AsyncConnection, source: str, results: list[Any],
-        totals: PageResult, force: bool,
+        totals: PageResult,
     ) -> None:
         stack = [results]
         while stack:
@@ -161,7 +174,7 @@ class Store:
             try:
                 async with conn.transaction():  # a savepoint inside the page's transaction
                     cur = await conn.execute(
-                        self.q_ingest, (self.table, source, _encodable(text), None, False, force)
+                        self.q_ingest, (self.table, source, _encodable(text), None, False)
                     )
                     row = await cur.fetchone()
                 totals.written += row[3] if row else 0
