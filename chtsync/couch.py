@@ -232,8 +232,11 @@ class CouchClient:
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if max_bytes is not None and limit > 1 and len(body) > max_bytes:
-                        raise PageTooLarge(limit, len(body))
-        return bytes(body)
+                        # Freed now: the exception's traceback keeps this frame alive.
+                        size = len(body)
+                        body.clear()
+                        raise PageTooLarge(limit, size)
+        return body  # a bytearray: no copy of a page that may be page_bytes long
 
     async def all_docs_page(
         self, db: str, start_key: str | None, limit: int

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import postgres
+from psycopg.adapt import Dumper
 
 from chtsync import queries
 from chtsync.config import Config
@@ -42,6 +44,26 @@ def is_data_error(exc: BaseException) -> bool:
     if isinstance(exc, UnicodeError):
         return True
     return isinstance(exc, psycopg.Error) and (exc.sqlstate or "")[:2] in DATA_ERROR_CLASSES
+
+
+class Utf8Text:
+    """Bytes sent to Postgres as a text parameter without being decoded in Python (no copy):
+    Postgres checks the UTF-8 itself, and its refusal (22021) sends the page to the split path."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _Utf8TextDumper(Dumper):
+    oid = postgres.types["text"].oid
+
+    def dump(self, obj: Utf8Text) -> bytes:
+        return obj.data
+
+
+psycopg.adapters.register_dumper(Utf8Text, _Utf8TextDumper)
 
 
 @dataclass
@@ -139,14 +161,9 @@ class Store:
             # without storing the document under another id: that needs a look inside.
             return await self._ingest_parsed(conn, source, body, limit, force)
         try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            # Invalid UTF-8 inside one document must not hold back the others.
-            log.warning("page with invalid UTF-8 source=%s; splitting", source)
-            return await self._ingest_parsed(conn, source, body, limit, force)
-        try:
             async with conn.transaction():
-                cur = await conn.execute(self.q_ingest, (self.table, source, text, limit, True, force))
+                cur = await conn.execute(
+                    self.q_ingest, (self.table, source, Utf8Text(body), limit, True, force))
                 row = await cur.fetchone()
             assert row is not None
             return PageResult(row[0], row[1], row[2], row[3])
