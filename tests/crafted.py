@@ -32,6 +32,7 @@ class CraftedCouch:
 
     pages: PageFn
     update_seq: str = "0"
+    all_docs: bytes = b"<html>502 Bad Gateway</html>"  # GET /{db}/_all_docs
     asked: list[Asked] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -65,6 +66,8 @@ class CraftedCouch:
                     crafted.asked.append(Asked(time.monotonic(), since, limit,
                                                query.get("feed") == "longpoll"))
                     self._send(200, crafted.pages(since, limit))
+                elif parts[1] == "_all_docs":
+                    self._send(200, crafted.all_docs)
                 else:
                     self._send(404, b'{"error":"not_found","reason":"missing"}')
 

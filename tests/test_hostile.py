@@ -186,6 +186,16 @@ def test_persistently_bad_page_backs_off_and_once_gives_up(
     assert progress(pg) is None
 
 
+@pytest.mark.parametrize("all_docs", [b"<html>502</html>", b'{"rows": 5}', b'{"rows": [{"id": 1}]}', b"[]"])
+def test_verify_gives_up_on_an_unreadable_all_docs_page(
+    all_docs: bytes, dbname: str, pg: psycopg.Connection, cfg_factory,
+) -> None:
+    with CraftedCouch(lambda since, limit: body([], "0", 0), all_docs=all_docs) as fake:
+        report = run_verify(cfg_factory(url=fake.url))
+    assert report.error is not None and "unreadable" in report.error
+    assert verify.exit_code([report]) == 2  # could not verify (docs/verify.md)
+
+
 # -- odd numbers: unknown, never a stall or a tight loop ------------------------------------
 
 @pytest.mark.parametrize("pending", ["1e30", "-1", '"abc"', "1.5", "99999999999"])
