@@ -4,7 +4,7 @@ The page travels as the bytes CouchDB sent; chtsync_ingest_v1 (migrations/0002) 
 upserts and moves the checkpoint. Only when Postgres refuses a page, or the page holds what
 Postgres cannot take at all (invalid UTF-8, a NUL in an id), does Python look inside it: it
 parses the page, splits it down to the refused documents and records them in chtsync_errors
-(redacted by the `record_error` query: credentials never get there), then checkpoints.
+(a trigger redacts every credential field there, migrations/0009), then checkpoints.
 """
 
 from __future__ import annotations

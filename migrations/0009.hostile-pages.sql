@@ -42,3 +42,19 @@ AS $$
                      AND v::text::numeric <= 9223372036854775807
                 THEN v::text::bigint END
 $$;
+
+-- Every row that enters chtsync_errors, whoever writes it (the follower, verify, the ingest
+-- function's own "change without a document" rows), is redacted on the way in.
+CREATE OR REPLACE FUNCTION chtsync_errors_redact_v1() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    NEW.raw := chtsync_redact_credentials_v1(NEW.raw);
+    RETURN NEW;
+END
+$$;
+
+DROP TRIGGER IF EXISTS chtsync_errors_redact ON chtsync_errors;
+CREATE TRIGGER chtsync_errors_redact BEFORE INSERT OR UPDATE OF raw ON chtsync_errors
+FOR EACH ROW EXECUTE FUNCTION chtsync_errors_redact_v1();

@@ -6,9 +6,7 @@ SELECT last_seq, pending, changes, written
 FROM chtsync_ingest_v1(%s::regclass, %s, %s::jsonb, %s, %s, %s)
 
 -- name: record_error
--- raw is redacted here, the one door into chtsync_errors: no credential field is ever stored.
-INSERT INTO chtsync_errors (source, _id, seq, reason, raw)
-VALUES (%s, %s, %s, %s, chtsync_redact_credentials_v1(%s))
+INSERT INTO chtsync_errors (source, _id, seq, reason, raw) VALUES (%s, %s, %s, %s, %s)
 
 -- name: get_checkpoint
 SELECT p.seq, coalesce(s.resync, false)
