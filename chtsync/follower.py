@@ -30,12 +30,13 @@ from chtsync.couch import (
     CouchError,
     CouchNotFound,
     DbInfo,
+    PageTooLarge,
     page_trailer,
     seq_number,
     short_seq,
 )
 from chtsync.errors import Stopped
-from chtsync.store import SourceMarks, Store
+from chtsync.store import SourceMarks, Store, UnreadablePage
 
 log = logging.getLogger("chtsync.follower")
 T = TypeVar("T")
@@ -46,6 +47,8 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 DB_CHECK_SECONDS = 2.0
 PERMANENT_RETRY_SECONDS = 30.0  # wrong credentials / missing database: try again this often
 ONCE_MAX_RETRIES = 6  # `sync --once`: consecutive CouchDB failures (~30 s of backoff) before giving up
+RETRY_BASE_SECONDS = 0.5  # first retry after a failure; doubled per consecutive failure
+RETRY_CAP_SECONDS = 30.0
 
 
 @dataclass
@@ -78,8 +81,10 @@ class SourceStats:
 class Backoff:
     """Capped exponential backoff with jitter."""
 
-    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
+    def __init__(self, base: float | None = None, cap: float | None = None) -> None:
+        self.base = RETRY_BASE_SECONDS if base is None else base
+        self.cap = RETRY_CAP_SECONDS if cap is None else cap
+        self.attempt = 0
 
     def next(self) -> float:
         delay = min(self.cap, self.base * 2**self.attempt)
@@ -113,6 +118,10 @@ class Follower:
         self.done = asyncio.Event()  # set when caught up in --once mode
         self._conn: psycopg.AsyncConnection | None = None
         self.marks = SourceMarks()  # the database the checkpoint belongs to, purges applied
+        # Changes asked per page: batch_size, fewer while documents are big (cfg.page_bytes).
+        self.limit = cfg.batch_size
+        self._ahead_limit = self.limit  # the limit the prefetched page was asked with
+        self._problems: set[tuple[str, str]] = set()  # unreadable pages recorded: (since, kind)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -171,11 +180,10 @@ class Follower:
         self.stats.seq = since
         await self._set_state("catching up", None)
         caught_up = False
-        limit = self.cfg.batch_size
         ahead: asyncio.Task[bytes] | None = None  # the next page, fetched during this ingest
         try:
             while not self.done.is_set():
-                since, caught_up, ahead = await self._step(conn, backoff, since, caught_up, limit, ahead)
+                since, caught_up, ahead = await self._step(conn, backoff, since, caught_up, self.limit, ahead)
         finally:
             if ahead is not None:
                 ahead.cancel()
@@ -190,24 +198,46 @@ class Follower:
         longpoll = caught_up and not self.once
         try:
             if ahead is not None:
+                limit = self._ahead_limit
                 body = await self._until_stopped(ahead, None)
                 ahead = None
             else:
                 body = await self._fetch(since, limit, longpoll)
         except CouchBadSince as exc:
             return await self._restart(conn, f"CouchDB refused the stored seq ({exc})"), False, None
+        except PageTooLarge as exc:
+            # Big documents: ask again for half as many (one at least), before any is stored.
+            self.limit = max(1, exc.limit // 2)
+            log.info("source=%s page over %d bytes: %d changes per page", self.name,
+                     self.cfg.page_bytes, self.limit)
+            return since, caught_up, None
         if body is None:  # while caught up, the database needs a look (recreated? purged?)
             return await self._check_database(conn, since, caught_up=True), caught_up, None
         trailer = None if longpoll else page_trailer(body)
-        if trailer is not None and trailer[1] != 0:
+        if trailer is not None and trailer[1] != 0 and len(body) <= self.cfg.page_bytes // 2:
             # More is pending (or the server does not say): CouchDB sends the next page while
             # Postgres ingests this one. Used only if this page ends at the seq the trailer said.
+            # Not with big pages: two of them in memory at once would double the bound.
+            self._ahead_limit = self.limit
             ahead = asyncio.ensure_future(self.client.changes(
-                self.db, trailer[0], limit, heartbeat_ms=self.cfg.heartbeat_ms))
+                self.db, trailer[0], self.limit, heartbeat_ms=self.cfg.heartbeat_ms,
+                max_bytes=self.cfg.page_bytes))
             # If it is dropped unread, its error (if any) must not be reported as unretrieved.
             ahead.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             result = await self.store.ingest(conn, self.name, body, limit)
+        except UnreadablePage as exc:
+            # Garbage, cut short, no results or no last_seq: nothing to store or checkpoint.
+            # One error row per problem and seq, however often it is retried (with backoff).
+            if ahead is not None:
+                ahead.cancel()
+            key = (since, exc.kind)
+            if key not in self._problems:
+                self._problems.add(key)
+                await self.store.record_unreadable(conn, self.name, since, exc)
+            self._count_error("unreadable_page")
+            raise CouchError(f"CouchDB sent an unreadable _changes page for {self.name}"
+                             f" after seq {short_seq(since)}: {exc.kind}") from None
         except BaseException:
             if ahead is not None:
                 ahead.cancel()
@@ -215,11 +245,10 @@ class Follower:
         if ahead is not None and (trailer is None or result.last_seq != trailer[0]):
             ahead.cancel()
             ahead = None
-        backoff.reset()
-        if result.last_seq is None:
-            if ahead is not None:
-                ahead.cancel()
-            raise CouchError(f"CouchDB sent an unreadable _changes page for {self.name}")
+        backoff.reset()  # only a page stored resets it: a bad page again and again backs off
+        self._problems.clear()
+        self._adapt_limit(len(body), result.changes)
+        del body
         self._account(result.written, result.refused, result.pending, result.last_seq)
         log.debug(
             "page source=%s changes=%d written=%d pending=%s seq=%s",
@@ -263,10 +292,22 @@ class Follower:
             if self.stop.is_set():
                 raise Stopped
 
+    def _adapt_limit(self, size: int, changes: int) -> None:
+        """Changes per page such that a page stays under cfg.page_bytes at the document size
+        just seen: down at once, back up by doubling, never above batch_size."""
+        if changes == 0:
+            return
+        fit = max(1, min(self.cfg.batch_size, int(self.cfg.page_bytes * changes / max(size, 1))))
+        new = fit if fit < self.limit else min(fit, self.limit * 2)
+        if new != self.limit:
+            log.debug("source=%s %d changes per page (%d bytes for %d)", self.name, new, size, changes)
+            self.limit = new
+
     async def _fetch(self, since: str, limit: int, longpoll: bool) -> bytes | None:
         """The next page; None when caught up and the database needs a look first."""
         fetch = asyncio.ensure_future(self.client.changes(
-            self.db, since, limit, longpoll=longpoll, heartbeat_ms=self.cfg.heartbeat_ms
+            self.db, since, limit, longpoll=longpoll, heartbeat_ms=self.cfg.heartbeat_ms,
+            max_bytes=self.cfg.page_bytes,
         ))
         if not longpoll:
             return await self._until_stopped(fetch, None)

@@ -19,7 +19,7 @@ LEFT JOIN chtsync_sources s USING (source)
 UPDATE couchdb_progress SET seq = '0', pending = NULL, updated_at = now() WHERE source = %(source)s
 
 -- name: set_source_marks
--- Which database the checkpoint belongs to and which purges are applied (see migrations/0007).
+-- Which database the checkpoint belongs to and which purges are applied (see migrations/0008).
 INSERT INTO chtsync_sources AS s (source, state, couch_instance, purge_seq, verify_due)
 VALUES (%(source)s, 'catching up', %(instance)s, %(purge_seq)s, %(verify_due)s)
 ON CONFLICT (source) DO UPDATE SET

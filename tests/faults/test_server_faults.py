@@ -175,7 +175,7 @@ def test_revision_guard_never_moves_a_document_backwards(pg: psycopg.Connection)
         return json.dumps({"results": [{"seq": seq, "id": "d", "changes": [{"rev": rev}], "doc": doc}],
                            "last_seq": seq})
 
-    ingest = "SELECT written FROM chtsync_ingest_v1('v1.couchdb'::regclass, 'h/medic', %s::jsonb, 1000)"
+    ingest = "SELECT written FROM chtsync_ingest_v2('v1.couchdb'::regclass, 'h/medic', %s::jsonb, 1000)"
     assert pg.execute(ingest, (page("3-c", "3", v="new"),)).fetchone()[0] == 1
     # A late page from a replica that lost its lease, or a replay: older revision, ignored.
     assert pg.execute(ingest, (page("2-b", "2", v="old"),)).fetchone()[0] == 0

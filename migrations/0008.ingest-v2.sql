@@ -1,9 +1,9 @@
--- chtsync 0007: CouchDB's winner, whatever its revision. chtsync_ingest_v2 writes every change
+-- chtsync 0008: CouchDB's winner, whatever its revision. chtsync_ingest_v2 writes every change
 -- the follower reads (feed order + the follower's lease, not revision strings, keep rows right);
 -- repairs compare-and-set against the row they read; per-source database identity and purge
 -- checkpoint. See docs/design.md "Which write wins".
 -- Runs with search_path = the configured schema.
--- depends: 0006.model-helpers
+-- depends: 0007.hostile-pages
 
 -- Where each source's database stands beyond its _changes checkpoint. Written by the source's
 -- follower only, in the transaction that moves or resets its checkpoint.
@@ -51,7 +51,8 @@ BEGIN
     -- seqs are opaque: a CouchDB 3 string or another server's number, stored as text.
     last_seq := p_page ->> 'last_seq';
     pending := CASE
-        WHEN jsonb_typeof(p_page -> 'pending') = 'number' THEN (p_page ->> 'pending')::numeric::bigint
+        WHEN p_page ? 'pending' AND p_page -> 'pending' <> 'null'::jsonb
+            THEN chtsync_json_bigint_v1(p_page -> 'pending')
         WHEN p_limit IS NOT NULL AND changes < p_limit THEN 0
     END;
 
@@ -86,10 +87,7 @@ BEGIN
                 ORDER BY c ->> 'id', ord DESC
             ), cleaned AS (
                 SELECT id, deleted,
-                    CASE WHEN id LIKE 'org.couchdb.user:%%' THEN doc - ARRAY[
-                        'password', 'password_scheme', 'derived_key', 'salt', 'iterations',
-                        'pbkdf2_prf', 'password_sha']
-                    ELSE doc END AS doc
+                    chtsync_strip_credentials_v1(id, doc) AS doc
                 FROM latest
                 WHERE doc IS NOT NULL
             )
@@ -161,7 +159,7 @@ BEGIN
 END
 $fn$;
 
--- Nothing in chtsync calls chtsync_ingest_v1, chtsync_mark_vanished_v1 or chtsync_rev_gen_v1
--- any more (repairs feed chtsync_all_docs_to_changes_v1's page to chtsync_ingest_v2). They are
--- kept only because tests of other areas still write fixtures through chtsync_ingest_v1; drop
--- them in a later migration once those call chtsync_ingest_v2.
+-- v1 had the revision-string guard that kept a wrong winner (issue 12): nothing may call it.
+DROP FUNCTION IF EXISTS chtsync_ingest_v1(regclass, text, jsonb, integer, boolean, boolean);
+DROP FUNCTION IF EXISTS chtsync_mark_vanished_v1;
+DROP FUNCTION IF EXISTS chtsync_rev_gen_v1(text);
