@@ -72,7 +72,7 @@ def table() -> list[str]:
         for s in servers:
             r = RESULTS.get((fault, s))
             row += " | " + (cell.format(r.documents, f"{r.recovered_s:.1f} s", r.lost, r.duplicated, r.refused)
-                            if r else f"{'-':<32}")
+                            if r else f"{'-':>6}{'':<26}")
         lines.append(row)
     return lines
 
