@@ -148,7 +148,7 @@ def freshness_and_idle(kind: str, seconds: float, idle: float) -> dict:
             "cpu_run": (after[0] - before[0]) / idle * 100, "cpu_pg": (after[1] - before[1]) / idle * 100}
 
 
-def freshness_tables(results: dict[str, dict], seconds: float, idle: float) -> tuple[str, str]:
+def freshness_tables(results: dict[str, dict], seconds: float, idle: float, command: str) -> tuple[str, str]:
     counts = ", ".join(f"{r['written']} into {SERVERS[k][0]}" for k, r in results.items())
     rows = []
     for kind, r in results.items():
@@ -156,7 +156,7 @@ def freshness_tables(results: dict[str, dict], seconds: float, idle: float) -> t
             rows.append(f"| {SERVERS[kind][0]} | {what} | {statistics.median(values):.3f} s"
                         f" | {pct(values, .95):.3f} s | {max(values):.3f} s | {len(values)}/{r['written']} |")
     fresh = "\n".join([
-        f"`python bench/run_bench.py`: one new report every 0.25 s for {seconds:.0f} s ({counts});"
+        f"`{command}`: one new report every 0.25 s for {seconds:.0f} s ({counts});"
         " `chtsync run` with the default 5 s interval, so the model path is the NOTIFY-driven refresh:",
         "",
         "| server | from the CouchDB write to | p50 | p95 | max | seen |",
@@ -254,7 +254,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     results = {kind: freshness_and_idle(kind, args.seconds, args.idle) for kind in args.servers.split(",")}
-    fresh, idle = freshness_tables(results, args.seconds, args.idle)
+    command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
+    fresh, idle = freshness_tables(results, args.seconds, args.idle, command.strip())
     rss = peak_rss(args.rss_docs)
     with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
