@@ -156,7 +156,9 @@ def bench_server(kind: str, n: int) -> dict[str, float | int]:
         with psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={BENCH_DB}") as conn:
             written = conn.execute("SELECT count(*) FROM v1.couchdb").fetchone()[0]
         assert written == loaded, (written, loaded)
-        return {"loaded": loaded, "load_s": load_s, "read_s": read_s, "sync_s": sync_s}
+        # Again after the sync: the first read follows the load straight away (fresh shards, cold).
+        read2_s, _ = read_changes(server.url)
+        return {"loaded": loaded, "load_s": load_s, "read_s": read_s, "read2_s": read2_s, "sync_s": sync_s}
     finally:
         server.close()
 
@@ -183,16 +185,17 @@ def main() -> None:
         lines.append(f"| {name} | {n:,} | {s:.2f} | {n / s:,.0f} | {(n / s) / copy_rate:.2f}x |")
 
     server_lines = ["| server | documents | load (`_bulk_docs`, 1000 a request)"
-                    " | server's own `_changes?include_docs=true`, pages of 1000"
-                    " | `chtsync sync --once` end to end | sync vs the server's read |",
+                    " | server's own `_changes?include_docs=true`, pages of 1000: before the sync / after"
+                    " | `chtsync sync --once` end to end | sync vs the faster read |",
                     "|---|---:|---:|---:|---:|---:|"]
     for kind in args.servers.split(","):
         r = bench_server(kind, args.couch_docs)
         n = r["loaded"]
         server_lines.append(
             f"| {SERVERS[kind][0]} | {n:,} | {r['load_s']:.1f} s ({n / r['load_s']:,.0f} docs/s)"
-            f" | {r['read_s']:.1f} s ({n / r['read_s']:,.0f} docs/s)"
-            f" | {r['sync_s']:.1f} s ({n / r['sync_s']:,.0f} docs/s) | {r['read_s'] / r['sync_s']:.2f}x |")
+            f" | {n / r['read_s']:,.0f} / {n / r['read2_s']:,.0f} docs/s"
+            f" | {r['sync_s']:.1f} s ({n / r['sync_s']:,.0f} docs/s)"
+            f" | {min(r['read_s'], r['read2_s']) / r['sync_s']:.2f}x |")
     with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
 
@@ -214,9 +217,11 @@ def main() -> None:
         "",
         *server_lines,
         "",
-        "\"sync vs the server's read\" is the sync's rate relative to the server's own read (1.00x = chtsync"
-        " keeps up with what the server can send). Measured while other jobs shared the 2 cores, so"
-        " repeated runs vary (about 20 %).",
+        "\"sync vs the faster read\" is the sync's rate relative to the server's own read (1.00x = chtsync"
+        " keeps up with what the server can send; chtsync fetches the next page while Postgres writes"
+        " the current one). The first read follows the load at once; the second runs after the sync."
+        " Measured while other jobs shared the 2 cores, so repeated runs vary, and by more than 20 %"
+        " on a busy machine.",
     ])
     print(body)
     if not args.no_write:
