@@ -39,7 +39,7 @@ SERVERS = {"couchdb": ("Apache CouchDB 3.4.3", CouchDBServer),
            "pouchdb": ("pouchdb-server 4.2 (in memory)", PouchServer)}
 
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-DB = "chtsync_bench_run"
+DB = f"chtsync_bench_run_{os.getpid()}"  # per process: several runs may share the server
 CLK = os.sysconf("SC_CLK_TCK")
 
 

@@ -37,7 +37,7 @@ SERVERS = {"couchdb": ("Apache CouchDB 3.4.3", CouchDBServer),
            "pouchdb": ("pouchdb-server 4.2 (in memory)", PouchServer)}
 
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-BENCH_DB = "chtsync_bench_sync"
+BENCH_DB = f"chtsync_bench_sync_{os.getpid()}"  # per process: helpers and CI may run it at once
 
 
 def fresh_db() -> str:
