@@ -52,7 +52,8 @@ BEGIN
     last_seq := p_page ->> 'last_seq';
     pending := CASE
         WHEN p_page ? 'pending' AND p_page -> 'pending' <> 'null'::jsonb
-            THEN chtsync_json_bigint_v1(p_page -> 'pending')
+            -- couchdb_progress.pending is an integer: a larger count is as unknown as 1e30.
+            THEN nullif(least(chtsync_json_bigint_v1(p_page -> 'pending'), 2147483648), 2147483648)
         WHEN p_limit IS NOT NULL AND changes < p_limit THEN 0
     END;
 

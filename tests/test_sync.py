@@ -1,4 +1,5 @@
-"""The sync engine against the real Postgres and a real CouchDB-API server (pouchdb-server)."""
+"""The sync engine against the real Postgres and the real CouchDB 3.4; the equality tests run on
+pouchdb-server too (`both_servers`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 import string
 
 import psycopg
+import pytest
 
 from tests.servers import CouchAdmin
 from tests.syncutil import BackgroundSync, assert_equal, pg_state, sync_once, wait_until
@@ -16,6 +18,7 @@ def people(n: int, prefix: str = "p", **extra: object) -> list[dict]:
     return [{"_id": f"{prefix}{i:05d}", "type": "person", "name": f"Person {i}", **extra} for i in range(n)]
 
 
+@pytest.mark.both_servers
 def test_initial_sync_of_several_databases(couch: CouchAdmin, cfg_factory, pg: psycopg.Connection) -> None:
     for db in ("medic", "medic-sentinel", "medic-users-meta"):
         couch.create_db(db)
@@ -42,6 +45,7 @@ def test_initial_sync_of_several_databases(couch: CouchAdmin, cfg_factory, pg: p
     assert sum(s.docs_written for s in again) == 0
 
 
+@pytest.mark.both_servers
 def test_edits_deletes_and_recreates_propagate_live(couch: CouchAdmin, cfg_factory, pg: psycopg.Connection) -> None:
     couch.create_db("medic")
     couch.bulk("medic", people(50))
@@ -63,6 +67,7 @@ def test_edits_deletes_and_recreates_propagate_live(couch: CouchAdmin, cfg_facto
         assert_equal(pg, couch, "medic", "127.0.0.1/medic")
 
 
+@pytest.mark.both_servers
 def test_same_id_in_two_databases_kept_apart(couch: CouchAdmin, cfg_factory, pg: psycopg.Connection) -> None:
     couch.create_db("medic")
     couch.create_db("medic-users-meta")
@@ -73,10 +78,11 @@ def test_same_id_in_two_databases_kept_apart(couch: CouchAdmin, cfg_factory, pg:
     assert rows == {"127.0.0.1/medic": "medic", "127.0.0.1/medic-users-meta": "meta"}
 
 
+@pytest.mark.both_servers
 def test_user_credentials_never_reach_postgres(couch: CouchAdmin, cfg_factory, pg: psycopg.Connection) -> None:
     couch.create_db("_users")
     couch.create_db("medic")
-    # pouchdb-server hashes the password into derived_key/salt/iterations, as CouchDB does.
+    # Both servers hash the password into derived_key/salt/iterations.
     couch.put("_users", {"_id": "org.couchdb.user:chw1", "name": "chw1", "type": "user",
                          "roles": ["chw"], "password": "hunter2-secret"})
     stored = couch.get("_users", "org.couchdb.user:chw1")
@@ -127,6 +133,7 @@ def test_nul_and_refused_documents_do_not_stop_the_feed(couch: CouchAdmin, cfg_f
     assert "after" in pg_state(pg, "127.0.0.1/medic")
 
 
+@pytest.mark.both_servers
 def test_wrong_credentials_and_missing_database_are_reported(
     couch: CouchAdmin, cfg_factory, pg: psycopg.Connection
 ) -> None:
