@@ -159,7 +159,7 @@ def main() -> None:
         "",
         "\"vs COPY\" is throughput relative to the COPY baseline (1.00x = as fast as COPY). The write path"
         " parses each page once in Postgres, keeps the last change per document, strips credentials,"
-        " upserts with the revision guard and moves the checkpoint, in one transaction per page."
+        " upserts (an identical replay writes nothing) and moves the checkpoint, in one transaction per page."
         " pouchdb-server's own `_changes` speed (~18k docs/s in memory) bounds the end-to-end row.",
     ])
     print(body)
