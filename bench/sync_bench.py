@@ -209,7 +209,7 @@ def main() -> None:
         "",
         "\"vs COPY\" is throughput relative to the COPY baseline (1.00x = as fast as COPY). The write path"
         " parses each page once in Postgres, keeps the last change per document, strips credentials,"
-        " upserts and moves the checkpoint, in one transaction per page.",
+        " upserts (an identical replay writes nothing) and moves the checkpoint, in one transaction per page.",
         "",
         "End to end from a real server, the same generated documents in each, in the same run. The"
         " server's own read is the ceiling: `_changes?include_docs=true&limit=1000` page after page,"

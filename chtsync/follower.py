@@ -389,16 +389,16 @@ class Follower:
         from chtsync.verify import SourceVerifier  # verify imports this module
 
         done, now = seq_number(self.marks.purge_seq) or 0, seq_number(info.purge_seq) or 0
-        limit = await self._until_stopped(self.client.purged_infos_limit(self.db), None)
-        ids = await self._until_stopped(self.client.purged_ids(self.db), None)
-        if limit is None or ids is None:
-            raise Stopped
+        limit = await self.client.purged_infos_limit(self.db)
+        ids = await self.client.purged_ids(self.db)
         marks = replace(self.marks, purge_seq=info.purge_seq)
-        if now - done > limit:
+        if ids is None or now - done > limit:
             # CouchDB keeps at least the latest `limit` purges per shard: beyond that some may
             # be forgotten, and only a full comparison finds their documents.
-            marks.verify_due = (f"{now - done} purges since the last check, more than CouchDB"
-                                f" remembers (_purged_infos_limit {limit})")
+            marks.verify_due = (
+                "the server cannot list purges (no _purged_infos)" if ids is None else
+                f"{now - done} purges since the last check, more than CouchDB remembers"
+                f" (_purged_infos_limit {limit})")
             log.warning("source=%s %s: verify owed", self.name, marks.verify_due)
         elif ids:
             verifier = SourceVerifier(self.cfg, conn, self.client, self.db, stop=self.stop)
