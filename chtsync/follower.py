@@ -40,6 +40,9 @@ T = TypeVar("T")
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 IDLE_CHECK_SECONDS = 60.0  # while caught up, re-check the database this often (rewind, liveness)
 PERMANENT_RETRY_SECONDS = 30.0  # wrong credentials / missing database: try again this often
+# While caught up, couchdb_progress.updated_at is refreshed this often without a page: CHT
+# Watchdog reads a source as down when it is more than a minute old.
+PROGRESS_HEARTBEAT_SECONDS = 15.0
 ONCE_MAX_RETRIES = 6  # `sync --once`: consecutive CouchDB failures (~30 s of backoff) before giving up
 
 
@@ -112,6 +115,7 @@ class Follower:
         self.done = asyncio.Event()  # set when caught up in --once mode
         self._conn: psycopg.AsyncConnection | None = None
         self.resync = False  # resyncing a recreated database: write without the revision guard
+        self._progress_touched = 0.0  # monotonic time of the last progress heartbeat
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -268,7 +272,25 @@ class Follower:
         fetch = self.client.changes(
             self.db, since, limit, longpoll=longpoll, heartbeat_ms=self.cfg.heartbeat_ms
         )
+        if longpoll:
+            fetch = self._with_progress_heartbeat(fetch, since)
         return await self._until_stopped(fetch, IDLE_CHECK_SECONDS if longpoll else None)
+
+    async def _with_progress_heartbeat(self, fetch: Awaitable[bytes], since: str) -> bytes:
+        """Await a longpoll; meanwhile mark the checkpoint fresh (pending 0) every
+        PROGRESS_HEARTBEAT_SECONDS. Nothing else uses the session while the follower waits here."""
+        task = asyncio.ensure_future(fetch)
+        try:
+            while True:
+                wait = self._progress_touched + PROGRESS_HEARTBEAT_SECONDS - time.monotonic()
+                done, _ = await asyncio.wait({task}, timeout=max(wait, 0.0))
+                if done:
+                    return task.result()
+                if self._conn is not None:
+                    await self._conn.execute(queries.get("touch_progress"), {"source": self.name, "seq": since})
+                self._progress_touched = time.monotonic()
+        finally:
+            task.cancel()
 
     async def _check_rewind(self, conn: psycopg.AsyncConnection, since: str) -> str:
         info = await self._until_stopped(self.client.db_info(self.db), None)

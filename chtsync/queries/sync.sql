@@ -17,6 +17,12 @@ LEFT JOIN chtsync_sources s USING (source)
 -- name: reset_checkpoint
 UPDATE couchdb_progress SET seq = '0', pending = NULL, updated_at = now() WHERE source = %(source)s
 
+-- name: touch_progress
+-- The follower is caught up at this seq and waiting: say so (CHT Watchdog's liveness reads
+-- updated_at). No raw row is written; a checkpoint that moved meanwhile is left as it is.
+UPDATE couchdb_progress SET updated_at = now(), pending = 0
+WHERE source = %(source)s AND seq = %(seq)s
+
 -- name: start_resync
 INSERT INTO chtsync_sources AS s (source, state, resync) VALUES (%(source)s, 'catching up', true)
 ON CONFLICT (source) DO UPDATE SET resync = true
