@@ -12,8 +12,6 @@ from pathlib import Path
 
 import chtsync
 
-SHIPPED = ("migrations", "sql", "superset")
-
 
 def checkout() -> Path:
     """The source checkout this package was imported from (meaningless for a wheel install)."""
@@ -27,7 +25,7 @@ def home() -> Path:
 
 
 def shipped(folder: str) -> Path:
-    """One of the SHIPPED folders: under CHTSYNC_HOME, else in the package, else in the checkout."""
+    """migrations, sql or superset: under CHTSYNC_HOME, else in the package, else in the checkout."""
     env = os.environ.get("CHTSYNC_HOME")
     if env:
         return Path(env) / folder

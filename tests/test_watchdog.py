@@ -15,9 +15,10 @@ from typing import Any
 
 import psycopg
 
+from chtsync import follower
 from tests.conftest import PG_HOST, PG_PORT, PG_USER
 from tests.servers import CouchAdmin
-from tests.syncutil import wait_until
+from tests.syncutil import BackgroundSync, wait_until
 from tests.test_adopt import CHT_SYNC_2, DBT_TABLES, cht_docs, couch2pg
 
 QUIET_SECONDS = 90  # longer than Watchdog's one-minute liveness window
@@ -179,3 +180,26 @@ def test_watchdog_queries_on_quiet_databases(
                     proc.kill()
                     proc.wait(10)
             log.close()
+
+
+def test_progress_heartbeat_while_caught_up(
+    pg: psycopg.Connection, couch: CouchAdmin, cfg_factory: Any, monkeypatch: Any,
+) -> None:
+    """The heartbeat alone, quickly: while caught up, updated_at moves and pending returns to 0
+    with no raw write; a change still arrives at once."""
+    monkeypatch.setattr(follower, "PROGRESS_HEARTBEAT_SECONDS", 0.2)
+    couch.create_db("medic")
+    couch.bulk("medic", cht_docs(1, 10))
+    with BackgroundSync(cfg_factory()) as bg:
+        wait_until(lambda: [s.state for s in bg.stats()] == ["following"], timeout=60, what="caught up")
+        raw = quiet_state(pg, "v1")
+        (first,) = pg.execute("SELECT updated_at FROM couchdb_progress").fetchone()
+        wait_until(lambda: pg.execute("SELECT updated_at > %s FROM couchdb_progress", (first,)).fetchone()[0],
+                   timeout=30, what="a heartbeat")
+        pg.execute("UPDATE couchdb_progress SET pending = 7")  # as a stale page would have left it
+        wait_until(lambda: pg.execute("SELECT pending FROM couchdb_progress").fetchone() == (0,),
+                   timeout=30, what="pending back to 0")
+        assert quiet_state(pg, "v1") == raw  # no document written, the checkpoint where it was
+        couch.put("medic", {"_id": "late", "type": "person"})
+        wait_until(lambda: pg.execute("SELECT count(*) FROM couchdb WHERE _id = 'late'").fetchone() == (1,),
+                   timeout=30, what="a change during the heartbeats")
