@@ -105,8 +105,14 @@ def test_watchdog_queries_on_quiet_databases(
         return subprocess.run([sys.executable, "-m", "chtsync", *args], env=envs[schema], cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)
 
+    done = chtsync("cht", "migrate", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "left alone: dbt_results (dbt run results" in done.stdout
+    assert "kept as dbt_results_cht_sync; chtsync's dbt_results view takes its name" in done.stdout
     done = chtsync("cht", "migrate")
     assert done.returncode == 0, done.stderr
+    done = chtsync("cht", "migrate", "--dry-run")  # after: the view is chtsync's, not reported
+    assert done.returncode == 0 and "dbt_results" not in done.stdout, done.stdout
     assert chtsync("cht", "models", "apply").returncode == 2  # dbt's tables: needs --adopt
     done = chtsync("cht", "models", "apply", "--adopt")
     assert done.returncode == 0, done.stderr
