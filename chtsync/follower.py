@@ -46,6 +46,9 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 # recreated database, and purges, which never appear in _changes, are seen within this bound.
 DB_CHECK_SECONDS = 2.0
 PERMANENT_RETRY_SECONDS = 30.0  # wrong credentials / missing database: try again this often
+# While caught up, couchdb_progress.updated_at is refreshed this often without a page: CHT
+# Watchdog reads a source as down when it is more than a minute old.
+PROGRESS_HEARTBEAT_SECONDS = 15.0
 ONCE_MAX_RETRIES = 6  # `sync --once`: consecutive CouchDB failures (~30 s of backoff) before giving up
 RETRY_BASE_SECONDS = 0.5  # first retry after a failure; doubled per consecutive failure
 RETRY_CAP_SECONDS = 30.0
@@ -122,6 +125,7 @@ class Follower:
         self.limit = cfg.batch_size
         self._ahead_limit = self.limit  # the limit the prefetched page was asked with
         self._problems: set[tuple[str, str]] = set()  # unreadable pages recorded: (since, kind)
+        self._progress_touched = 0.0  # monotonic time of the last progress heartbeat
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -319,6 +323,7 @@ class Follower:
                 if body is not None:
                     return body
                 info = await self._db_info()
+                await self._progress_heartbeat(since)
                 if fetch.done() and not fetch.cancelled() and fetch.exception() is None:
                     return fetch.result()
                 if self._needs_look(since, info):
@@ -328,6 +333,15 @@ class Follower:
                 fetch.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await fetch
+
+    async def _progress_heartbeat(self, since: str) -> None:
+        """While caught up, mark the checkpoint fresh (pending 0) every PROGRESS_HEARTBEAT_SECONDS:
+        CHT Watchdog reads a source as down when updated_at is a minute old. Nothing else uses
+        the session while the follower waits on its longpoll."""
+        if time.monotonic() - self._progress_touched < PROGRESS_HEARTBEAT_SECONDS or self._conn is None:
+            return
+        await self._conn.execute(queries.get("touch_progress"), {"source": self.name, "seq": since})
+        self._progress_touched = time.monotonic()
 
     async def _db_info(self) -> DbInfo:
         info = await self._until_stopped(self.client.db_info(self.db), None)
