@@ -222,7 +222,8 @@ def main() -> None:
         " keeps up with what the server can send; chtsync fetches the next page while Postgres writes"
         " the current one). The first read follows the load at once; the second runs after the sync."
         " Measured while other jobs shared the 2 cores, so repeated runs vary, and by more than 20 %"
-        " on a busy machine.",
+        " on a busy machine: CouchDB's own load and read rates here are far below the 10-17k docs/s"
+        " its README reports for an idle machine; read the rows relative to each other.",
     ])
     print(body)
     if not args.no_write:
