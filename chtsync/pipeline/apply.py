@@ -20,14 +20,15 @@ from chtsync import db
 from chtsync.config import Config, ConfigError
 from chtsync.pipeline import graph
 from chtsync.pipeline.graph import Model, Pipeline
+from chtsync.pipeline.refresh import analyze
 from chtsync.pipeline.session import autocommit, first_line, q, value
 
 log = logging.getLogger("chtsync.pipeline")
 
-RELKIND = {"view": "v", "materialized_view": "m", "table": "r", "incremental": "r"}
+RELKIND = {"view": "v", "materialized_view": "m", "table": "r", "incremental": "r", "aggregate": "r"}
 DROP = {"v": "VIEW", "m": "MATERIALIZED VIEW", "r": "TABLE", "p": "TABLE", "f": "FOREIGN TABLE"}
 CREATE = {"view": "VIEW", "materialized_view": "MATERIALIZED VIEW", "table": "TABLE",
-          "incremental": "TABLE"}
+          "incremental": "TABLE", "aggregate": "TABLE"}
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,8 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
         for name in drop_order:
             _run(conn, name, q("drop_object", kind=sql.SQL(DROP[existing[name]]), relation=sql.Identifier(name)))
         for step in plan.steps:
+            if step.action in ("drop", "create", "replace"):
+                conn.execute(q("pending_clear"), (step.name,))  # groups an aggregate had waiting
             if step.action == "drop":
                 conn.execute(q("record_dropped"), (step.name,))
             elif step.action in ("create", "replace"):
@@ -240,6 +243,11 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                     f"models apply: cannot recreate {view.schema}.{view.name}, a view built on a model"
                     f" being replaced or dropped: {first_line(exc)}. Change or drop that view first"
                 ) from None
+    # Built in one statement each: give the planner their statistics before the first refresh.
+    with autocommit(conn):
+        for step in plan.steps:
+            if step.action in ("create", "replace") and step.kind != "view":
+                analyze(conn, step.name)
     for step in plan.steps:
         if step.action != "unchanged":
             log.info("model %s name=%s kind=%s reason=%s", step.action, step.name, step.kind, step.reason)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,22 @@ import yaml
 
 from chtsync.config import IDENT, ConfigError
 
-KINDS = ("view", "materialized_view", "table", "incremental")
+
+class Kind(StrEnum):
+    """What a model is built as and how it is refreshed (docs/pipeline.md)."""
+
+    VIEW = "view"
+    MATERIALIZED_VIEW = "materialized_view"
+    TABLE = "table"
+    INCREMENTAL = "incremental"  # rows keyed by document id; changed documents re-derived
+    AGGREGATE = "aggregate"  # GROUP BY over one incremental model; touched groups recounted
+
+
+KINDS = tuple(k.value for k in Kind)
+KEYED = (Kind.INCREMENTAL, Kind.AGGREGATE)  # kinds that need a unique_key
 INDEX_METHODS = ("btree", "hash", "gin", "gist", "brin")
 MODEL_KEYS = {
-    "name", "sql", "kind", "unique_key", "indexes", "depends_on", "interval", "tags", "enabled",
+    "name", "sql", "kind", "unique_key", "reference_keys", "indexes", "depends_on", "interval", "tags", "enabled",
     "description",
 }
 INDEX_KEYS = {"columns", "method", "unique"}
@@ -39,6 +52,7 @@ class ModelSpec:
     sql_path: Path
     sql: str
     unique_key: tuple[str, ...] = ()
+    reference_keys: tuple[str, ...] = ()  # incremental: columns holding other documents' ids
     indexes: tuple[Index, ...] = ()
     depends_on: tuple[str, ...] | None = None  # None: infer from the SQL
     interval: float | None = None
@@ -108,8 +122,14 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
     except OSError as exc:
         raise _fail(where, f"'sql': cannot read {sql_path}: {exc.strerror}") from None
     unique_key = _names(where, "unique_key", raw["unique_key"]) if "unique_key" in raw else ()
-    if kind == "incremental" and not unique_key:
+    if kind == Kind.INCREMENTAL and not unique_key:
         raise _fail(where, "'unique_key' is required for an incremental model (first column = document _id)")
+    if kind == Kind.AGGREGATE and not unique_key:
+        raise _fail(where, "'unique_key' is required for an aggregate model (the GROUP BY columns)")
+    reference_keys = (_names(where, "reference_keys", raw["reference_keys"])
+                      if "reference_keys" in raw else ())
+    if reference_keys and kind != Kind.INCREMENTAL:
+        raise _fail(where, "'reference_keys' applies to incremental models only")
     indexes = raw.get("indexes", [])
     if not isinstance(indexes, list):
         raise _fail(where, "'indexes' must be a list")
@@ -131,6 +151,7 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
         sql_path=sql_path,
         sql=text,
         unique_key=unique_key,
+        reference_keys=reference_keys,
         indexes=tuple(_index(where, j, ix) for j, ix in enumerate(indexes)),
         depends_on=None if raw.get("depends_on") is None
         else _names(where, "depends_on", raw["depends_on"], allow_empty=True),
