@@ -447,6 +447,142 @@ def test_incremental_follows_edits_deletes_and_filters(pg: psycopg.Connection, c
         pipeline.rebuild(cfg, pg, "nope")
 
 
+def analyze_counts(conn: psycopg.Connection, *names: str) -> dict[str, int]:
+    conn.execute("SELECT pg_stat_force_next_flush()")  # this session's counts, now
+    return dict(conn.execute("SELECT relname::text, analyze_count FROM pg_stat_user_tables"
+                             " WHERE schemaname = 'v1' AND relname = ANY(%s)", (list(names),)).fetchall())
+
+
+def test_statistics_are_kept_by_chtsync(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                        docs: Docs) -> None:
+    # autovacuum is off on the test server: only chtsync analyzes here.
+    models.set("person", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb WHERE doc ->> 'type' = 'person'",
+               kind="incremental", unique_key=["uuid"])
+    pipeline.apply(cfg, pg)
+    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 0, "person": 1}  # analyzed once built
+    docs.put(*({"_id": f"p{i}", "type": "person", "name": "Ann"} for i in range(200)))
+    analyze_counts(pg)
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["person"].changed == 200
+    # The raw table before the models (200 rows written > 50 + 10 % of 0); the model's 200 new
+    # rows are counted once this session's statistics reach the server: the next round.
+    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 1, "person": 1}
+    pipeline.refresh_once(cfg, pg)
+    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 1, "person": 2}
+    # Few writes since (20 raw, 40 in the model): below 50 + 10 % of 200 rows, nothing analyzed.
+    docs.put(*({"_id": f"p{i}", "type": "person", "name": "Bob"} for i in range(20)))
+    for _ in range(2):
+        analyze_counts(pg)
+        pipeline.refresh_once(cfg, pg)
+    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 1, "person": 2}
+    # rebuild analyzes what it rebuilt.
+    pipeline.rebuild(cfg, pg, "person")
+    assert analyze_counts(pg, "person") == {"person": 3}
+
+
+def test_change_probe_ignores_missing_statistics(pg: psycopg.Connection, docs: Docs) -> None:
+    docs.put(*({"_id": f"r{i}", "type": "report"} for i in range(2000)))  # never analyzed
+    snapshot = pg.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+
+    def probe() -> tuple[bool, list[str], int, int]:
+        with pg.transaction():  # this transaction's own scan counts
+            changed = pg.execute("SELECT chtsync_raw_changed_v1('couchdb', %s::pg_snapshot)", (snapshot,)).fetchone()[0]
+            ids = sorted(r[0] for r in pg.execute("SELECT * FROM chtsync_changed_ids_v1('couchdb', %s::pg_snapshot)",
+                                                  (snapshot,)))
+            seq, idx = pg.execute("SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables"
+                                  " WHERE relid = 'couchdb'::regclass").fetchone()
+        return changed, ids, seq, idx
+
+    changed, ids, seq, idx = probe()
+    assert (changed, ids, seq) == (False, [], 0) and idx >= 3  # index probes, no scan of 2000 rows
+    docs.put({"_id": "r1", "type": "report"}, {"_id": "new", "type": "report"})
+    changed, ids, seq, idx = probe()
+    assert (changed, ids, seq) == (True, ["new", "r1"], 0) and idx >= 3
+
+
+def test_reference_keys_rederive_rows_of_other_documents(pg: psycopg.Connection, cfg: Config,
+                                                         models: ModelsFile, docs: Docs) -> None:
+    models.set("node", "SELECT _id AS uuid, doc ->> 'name' AS name, doc ->> 'parent' AS parent FROM couchdb"
+               " WHERE NOT _deleted", kind="incremental", unique_key=["uuid"])
+    models.set("chain", "SELECT c.uuid, c.name, c.parent AS p1, a1.name AS p1_name, a1.parent AS p2,"
+               " a2.name AS p2_name FROM node AS c LEFT JOIN node AS a1 ON a1.uuid = c.parent"
+               " LEFT JOIN node AS a2 ON a2.uuid = a1.parent",
+               kind="incremental", unique_key=["uuid"], reference_keys=["p1", "p2"],
+               indexes=[{"columns": ["uuid"]}, {"columns": ["p1"]}, {"columns": ["p2"]}])
+    docs.put({"_id": "district", "name": "D"}, {"_id": "hc", "name": "H", "parent": "district"},
+             {"_id": "chw", "name": "C", "parent": "hc"}, {"_id": "other", "name": "O"})
+    pipeline.apply(cfg, pg)
+    built = graph.load(cfg).models
+    docs.put({"_id": "district", "name": "D2"})  # renames show two levels down
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["chain"].changed == 3  # district, hc, chw; not other
+    assert pg.execute("SELECT p2_name FROM chain WHERE uuid = 'chw'").fetchone() == ("D2",)
+    docs.put({"_id": "hc", "name": "H", "parent": "other"})  # a move re-derives the subtree
+    docs.delete("district")
+    pipeline.refresh_once(cfg, pg)
+    assert pg.execute("SELECT p1_name, p2 FROM chain WHERE uuid = 'chw'").fetchone() == ("H", "other")
+    docs.put({"_id": "missing-parent-child", "name": "M", "parent": "late"})
+    pipeline.refresh_once(cfg, pg)
+    docs.put({"_id": "late", "name": "L"})  # a parent arriving after its child
+    pipeline.refresh_once(cfg, pg)
+    assert pg.execute("SELECT p1_name FROM chain WHERE uuid = 'missing-parent-child'").fetchone() == ("L",)
+    assert diff_with_rebuild(pg, built["chain"]) == 0
+    with pytest.raises(ConfigError, match="'reference_keys' applies to incremental models only"):
+        models.set("v", "SELECT 1 AS x", kind="table", reference_keys=["x"])
+        graph.load(cfg)
+
+
+def test_aggregate_recounts_only_touched_groups(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                                docs: Docs) -> None:
+    models.set("report", "SELECT _id AS uuid, doc ->> 'form' AS form, (doc ->> 'day')::date AS day"
+               " FROM couchdb WHERE NOT _deleted", kind="incremental", unique_key=["uuid"],
+               indexes=[{"columns": ["uuid"]}, {"columns": ["form", "day"]}])
+    models.set("daily", "SELECT form, day, count(*) AS n FROM report GROUP BY form, day",
+               kind="aggregate", unique_key=["form", "day"], indexes=[{"columns": ["form", "day"], "unique": True}])
+    models.set("slow", "SELECT form, count(*) AS n FROM report GROUP BY form", kind="aggregate",
+               unique_key=["form"], interval=3600)
+    docs.put(*({"_id": f"a{i}", "form": "A", "day": "2026-01-01"} for i in range(3)),
+             {"_id": "b1", "form": "B", "day": "2026-01-02"}, {"_id": "x", "form": None, "day": None})
+    pipeline.apply(cfg, pg)
+    built = graph.load(cfg).models
+    docs.put({"_id": "a0", "form": "B", "day": "2026-01-02"})  # leaves (A, 1st), joins (B, 2nd)
+    docs.put({"_id": "x", "form": "C", "day": None})  # leaves (NULL, NULL), joins (C, NULL)
+    docs.delete("b1")
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["daily"].status == "ok" and results["daily"].changed == 4
+    assert sorted(pg.execute("SELECT form, day::text, n FROM daily").fetchall(), key=str) == [
+        ("A", "2026-01-01", 2), ("B", "2026-01-02", 1), ("C", None, 1)]
+    assert results["slow"].status == "waiting"
+    for i in range(3):  # the upstream refreshes while `slow` waits: its groups accumulate
+        docs.put({"_id": f"c{i}", "form": "C", "day": "2026-01-03"})
+        pipeline.refresh_once(cfg, pg)
+    assert pg.execute("SELECT count(*) FROM chtsync_model_pending WHERE model = 'slow'").fetchone()[0] > 0
+    assert diff_with_rebuild(pg, built["slow"]) > 0  # still waiting
+    pipeline.refresh_once(cfg, pg, force=True)
+    assert diff_with_rebuild(pg, built["slow"]) == diff_with_rebuild(pg, built["daily"]) == 0
+    assert pg.execute("SELECT count(*) FROM chtsync_model_pending").fetchone() == (0,)
+    pipeline.rebuild(cfg, pg, "report")  # a full build of the upstream recounts every group
+    assert {r.name: r.changed for r in pipeline.refresh_once(cfg, pg, force=True)}["daily"] is None
+    assert diff_with_rebuild(pg, built["daily"]) == 0
+
+
+@pytest.mark.parametrize(("sql_text", "message"), [
+    ("SELECT form, count(*) AS n FROM couchdb GROUP BY form", "reads exactly one other model"),
+    ("SELECT form, count(*) AS n FROM report GROUP BY form HAVING count(*) > 1", "without HAVING"),
+    ("SELECT n AS form, count(*) FROM total GROUP BY n", "must read an incremental model"),
+])
+def test_aggregate_checks(models: ModelsFile, cfg: Config, sql_text: str, message: str) -> None:
+    models.set("report", "SELECT _id AS uuid, doc ->> 'form' AS form FROM couchdb", kind="incremental",
+               unique_key=["uuid"])
+    models.set("total", "SELECT count(*) AS n FROM report", kind="table")
+    models.set("agg", sql_text, kind="aggregate", unique_key=["form"])
+    with pytest.raises(ConfigError, match=message):
+        graph.load(cfg)
+    with pytest.raises(ConfigError, match="'unique_key' is required for an aggregate model"):
+        models.set("agg", sql_text, kind="aggregate")
+        graph.load(cfg)
+
+
 def test_refresh_needs_applied_definitions(pg: psycopg.Connection, cfg: Config, models: ModelsFile) -> None:
     base_models(models)
     pipeline.apply(cfg, pg)
