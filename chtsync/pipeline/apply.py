@@ -181,7 +181,8 @@ def create_model(conn: psycopg.Connection, model: Model) -> int | None:
         conn.execute(q(
             "create_model_index", unique=sql.SQL("UNIQUE " if ix.unique else ""),
             index=sql.Identifier(index_name(model.name, f"ix{i}")), relation=name, method=sql.SQL(ix.method),
-            columns=sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
+            columns=sql.SQL(f"({ix.expression})") if ix.expression  # normalized by pglast
+            else sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
     key = model.spec.unique_key[:1]
     if model.kind == "incremental" and not any(
             ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):

@@ -149,7 +149,8 @@ def _hash(model: Model, upstream: list[str]) -> str:
         "unique_key": list(spec.unique_key),
         # only when set, so that adding the key did not change every existing model's hash
         **({"reference_keys": list(spec.reference_keys)} if spec.reference_keys else {}),
-        "indexes": [[list(ix.columns), ix.method, ix.unique] for ix in spec.indexes],
+        "indexes": [[list(ix.columns), ix.method, ix.unique, *([ix.expression] if ix.expression else [])]
+                    for ix in spec.indexes],
         "upstream": upstream,
     }
     return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()

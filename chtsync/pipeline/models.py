@@ -8,7 +8,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import pglast
 import yaml
+from pglast import ast
+from pglast.stream import RawStream
 
 from chtsync.config import IDENT, ConfigError
 
@@ -30,7 +33,7 @@ MODEL_KEYS = {
     "name", "sql", "kind", "unique_key", "reference_keys", "indexes", "depends_on", "interval", "tags", "enabled",
     "description",
 }
-INDEX_KEYS = {"columns", "method", "unique"}
+INDEX_KEYS = {"columns", "expression", "method", "unique"}
 RAW = "couchdb"  # how model SQL names the raw table, whatever POSTGRES_TABLE is
 # Names of chtsync's own tables: a model of that name would replace them.
 RESERVED = {RAW, "couchdb_progress", "chtsync_errors", "chtsync_sources", "chtsync_models"}
@@ -38,9 +41,10 @@ RESERVED = {RAW, "couchdb_progress", "chtsync_errors", "chtsync_sources", "chtsy
 
 @dataclass(frozen=True)
 class Index:
-    columns: tuple[str, ...]
+    columns: tuple[str, ...]  # empty when the index is on an expression
     method: str = "btree"
     unique: bool = False
+    expression: str | None = None  # normalized (deparsed) SQL expression over the model's columns
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,8 @@ def _index(where: str, i: int, raw: Any) -> Index:
     unknown = set(raw) - INDEX_KEYS
     if unknown:
         raise _fail(at, f"unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(INDEX_KEYS))})")
-    if "columns" not in raw:
-        raise _fail(at, "'columns' is required")
+    if ("columns" in raw) == ("expression" in raw):
+        raise _fail(at, "give either 'columns' or 'expression'")
     method = raw.get("method", "btree")
     if method not in INDEX_METHODS:
         raise _fail(at, f"'method' must be one of {', '.join(INDEX_METHODS)}, got {method!r}")
@@ -95,7 +99,25 @@ def _index(where: str, i: int, raw: Any) -> Index:
         raise _fail(at, f"'unique' must be true or false, got {unique!r}")
     if unique and method != "btree":
         raise _fail(at, "only a btree index can be unique")
+    if "expression" in raw:
+        return Index((), method, unique, _expression(at, raw["expression"]))
     return Index(_names(at, "columns", raw["columns"]), method, unique)
+
+
+def _expression(at: str, text: Any) -> str:
+    """One SQL expression (an index on it serves queries that filter on the same expression,
+    e.g. an aggregate model's group computed from a column), checked and normalized by pglast."""
+    if not isinstance(text, str) or not text.strip():
+        raise _fail(at, "'expression' must be an SQL expression, e.g. \"(reported AT TIME ZONE 'UTC')::date\"")
+    try:
+        stmts = pglast.parse_sql(f"SELECT {text}")
+    except pglast.parser.ParseError as exc:
+        raise _fail(at, f"'expression' is not valid SQL: {exc}") from None
+    select = stmts[0].stmt if len(stmts) == 1 else None
+    if (not isinstance(select, ast.SelectStmt) or select.fromClause or select.whereClause
+            or len(select.targetList or ()) != 1 or select.targetList[0].name):
+        raise _fail(at, "'expression' must be one SQL expression")
+    return RawStream()(select.targetList[0].val)
 
 
 def _model(base: Path, i: int, raw: Any) -> ModelSpec:
