@@ -17,9 +17,10 @@ import pytest
 import yaml
 from psycopg import sql
 
-from chtsync import cli, db, migrate, pipeline
+from chtsync import cli, db, migrate, pipeline, status
 from chtsync.config import Config, ConfigError
 from chtsync.pipeline import graph
+from chtsync.pipeline import refresh as refresh_mod
 from chtsync.pipeline.models import load_file
 from tests.conftest import make_config
 
@@ -106,6 +107,12 @@ def diff_with_rebuild(conn: psycopg.Connection, model: graph.Model) -> int:
 
 def by_name(results: list[pipeline.RefreshResult]) -> dict[str, pipeline.RefreshResult]:
     return {r.name: r for r in results}
+
+
+def build(cfg: Config, conn: psycopg.Connection) -> None:
+    """apply, then the first refresh: it fills the incremental models apply created empty."""
+    pipeline.apply(cfg, conn)
+    pipeline.refresh_once(cfg, conn)
 
 
 @pytest.fixture
@@ -235,11 +242,15 @@ def test_plan_apply_create_replace_drop(pg: psycopg.Connection, cfg: Config, mod
         ("live", "create"), ("snapshot", "create"), ("person", "create"), ("by_type", "create")]
     assert pipeline.apply(cfg, pg).changed
     assert pg.execute("SELECT * FROM by_type ORDER BY type").fetchall() == [("clinic", 1), ("person", 1)]
-    assert pg.execute("SELECT uuid, name FROM person").fetchall() == [("p1", "Ann")]
+    # An incremental model is created empty, then built by the refresh (in batches).
+    assert pg.execute("SELECT uuid, name FROM person").fetchall() == []
     assert pg.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'person'").fetchall() != []
     rec = records(pg)
-    assert rec["person"]["last_status"] == "created" and rec["person"]["last_rows"] == 1
+    assert rec["person"]["last_status"] == "created" and rec["person"]["snapshot"] is None
     assert rec["snapshot"]["last_rows"] == 2 and rec["live"]["last_rows"] is None
+    assert by_name(pipeline.refresh_once(cfg, pg))["person"].rows == 1
+    assert pg.execute("SELECT uuid, name FROM person").fetchall() == [("p1", "Ann")]
+    rec = records(pg)
 
     # Nothing changed: nothing touched.
     first = oids(pg, "live", "by_type", "snapshot", "person")
@@ -289,6 +300,7 @@ def test_foreign_objects_are_refused_then_adopted(pg: psycopg.Connection, cfg: C
         pipeline.apply(cfg, pg)
     assert oids(pg, "live")["live"] is None  # nothing was done
     pipeline.apply(cfg, pg, adopt=True)
+    pipeline.refresh_once(cfg, pg)
     assert pg.execute("SELECT * FROM dash.people").fetchall() == [("p1", "Ann")]
     assert pg.execute("SELECT has_table_privilege('public', 'dash.people', 'SELECT')").fetchone() == (True,)
     assert records(pg)["person"]["kind"] == "incremental"
@@ -296,7 +308,7 @@ def test_foreign_objects_are_refused_then_adopted(pg: psycopg.Connection, cfg: C
     models.set("person", "SELECT _id AS uuid, upper(doc ->> 'name') AS name FROM couchdb"
                " WHERE doc ->> 'type' = 'person'", kind="incremental", unique_key=["uuid"])
     assert pipeline.plan(cfg, pg).conflicts == []
-    pipeline.apply(cfg, pg)
+    build(cfg, pg)
     assert pg.execute("SELECT * FROM dash.people").fetchall() == [("p1", "ANN")]
     # A view that cannot survive the change stops the apply with its name.
     models.set("person", "SELECT _id AS uuid FROM couchdb", kind="incremental", unique_key=["uuid"])
@@ -327,7 +339,7 @@ def test_refresh_skips_unchanged_models(pg: psycopg.Connection, cfg: Config, mod
     base_models(models)
     models.set("names", "SELECT count(*) AS n FROM person", kind="materialized_view")  # over a table
     models.set("hourly", "SELECT count(*) AS n FROM couchdb", kind="materialized_view", interval=3600)
-    pipeline.apply(cfg, pg)
+    build(cfg, pg)
     created = records(pg)
     results = by_name(pipeline.refresh_once(cfg, pg))
     assert {r.status for n, r in results.items() if n != "hourly"} == {"skipped"}
@@ -426,7 +438,7 @@ def test_incremental_follows_edits_deletes_and_filters(pg: psycopg.Connection, c
     docs.put({"_id": "p1", "type": "person", "name": "Ann", "tags": ["a", "b"]},
              {"_id": "p2", "type": "person", "name": "Bob", "tags": []})
     docs.put({"_id": "p1", "type": "person", "name": "Ann (other)", "tags": ["c"]}, source="host/other")
-    pipeline.apply(cfg, pg)
+    build(cfg, pg)
     built = graph.load(cfg).models
     docs.put({"_id": "p2", "type": "clinic", "name": "Bob"}, {"_id": "p3", "type": "person", "name": "Cy",
                                                               "tags": ["x"]})
@@ -459,25 +471,31 @@ def test_statistics_are_kept_by_chtsync(pg: psycopg.Connection, cfg: Config, mod
     models.set("person", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb WHERE doc ->> 'type' = 'person'",
                kind="incremental", unique_key=["uuid"])
     pipeline.apply(cfg, pg)
-    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 0, "person": 1}  # analyzed once built
+    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 0, "person": 1}  # created empty
     docs.put(*({"_id": f"p{i}", "type": "person", "name": "Ann"} for i in range(200)))
     analyze_counts(pg)
-    results = by_name(pipeline.refresh_once(cfg, pg))
-    assert results["person"].changed == 200
-    # The raw table before the models (200 rows written > 50 + 10 % of 0); the model's 200 new
-    # rows are counted once this session's statistics reach the server: the next round.
-    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 1, "person": 1}
-    pipeline.refresh_once(cfg, pg)
+    assert by_name(pipeline.refresh_once(cfg, pg))["person"].rows == 200  # its first build
+    # The raw table before the models (200 rows written > 50 + 10 % of 0), the model once built.
     assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 1, "person": 2}
-    # Few writes since (20 raw, 40 in the model): below 50 + 10 % of 200 rows, nothing analyzed.
+    docs.put(*({"_id": f"p{i}", "type": "person", "name": "Ann"} for i in range(200, 400)))
+    analyze_counts(pg)
+    assert by_name(pipeline.refresh_once(cfg, pg))["person"].changed == 200
+    # The model's 200 new rows count once this session's statistics reach the server (a write
+    # counted after an ANALYZE may cause one more).
+    for _ in range(2):
+        analyze_counts(pg)
+        pipeline.refresh_once(cfg, pg)
+    settled = analyze_counts(pg, "couchdb", "person")
+    assert settled["couchdb"] == 2 and settled["person"] >= 3
+    # Few writes since (20 raw, 40 in the model): below 50 + 10 % of 400 rows, nothing analyzed.
     docs.put(*({"_id": f"p{i}", "type": "person", "name": "Bob"} for i in range(20)))
     for _ in range(2):
         analyze_counts(pg)
         pipeline.refresh_once(cfg, pg)
-    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 1, "person": 2}
+    assert analyze_counts(pg, "couchdb", "person") == settled
     # rebuild analyzes what it rebuilt.
     pipeline.rebuild(cfg, pg, "person")
-    assert analyze_counts(pg, "person") == {"person": 3}
+    assert analyze_counts(pg, "person") == {"person": settled["person"] + 1}
 
 
 def test_change_probe_ignores_missing_statistics(pg: psycopg.Connection, docs: Docs) -> None:
@@ -511,7 +529,7 @@ def test_reference_keys_rederive_rows_of_other_documents(pg: psycopg.Connection,
                indexes=[{"columns": ["uuid"]}, {"columns": ["p1"]}, {"columns": ["p2"]}])
     docs.put({"_id": "district", "name": "D"}, {"_id": "hc", "name": "H", "parent": "district"},
              {"_id": "chw", "name": "C", "parent": "hc"}, {"_id": "other", "name": "O"})
-    pipeline.apply(cfg, pg)
+    build(cfg, pg)
     built = graph.load(cfg).models
     docs.put({"_id": "district", "name": "D2"})  # renames show two levels down
     results = by_name(pipeline.refresh_once(cfg, pg))
@@ -543,7 +561,7 @@ def test_aggregate_recounts_only_touched_groups(pg: psycopg.Connection, cfg: Con
                unique_key=["form"], interval=3600)
     docs.put(*({"_id": f"a{i}", "form": "A", "day": "2026-01-01"} for i in range(3)),
              {"_id": "b1", "form": "B", "day": "2026-01-02"}, {"_id": "x", "form": None, "day": None})
-    pipeline.apply(cfg, pg)
+    build(cfg, pg)
     built = graph.load(cfg).models
     docs.put({"_id": "a0", "form": "B", "day": "2026-01-02"})  # leaves (A, 1st), joins (B, 2nd)
     docs.put({"_id": "x", "form": "C", "day": None})  # leaves (NULL, NULL), joins (C, NULL)
@@ -581,6 +599,41 @@ def test_aggregate_checks(models: ModelsFile, cfg: Config, sql_text: str, messag
     with pytest.raises(ConfigError, match="'unique_key' is required for an aggregate model"):
         models.set("agg", sql_text, kind="aggregate")
         graph.load(cfg)
+
+
+def test_first_build_in_batches_resumes_and_reports_progress(
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(refresh_mod, "BUILD_BATCH", 3)
+    models.set("person", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb WHERE NOT _deleted",
+               kind="incremental", unique_key=["uuid"])
+    models.set("by_name", "SELECT name, count(*) AS n FROM person GROUP BY name", kind="aggregate",
+               unique_key=["name"])
+    docs.put(*({"_id": f"p{i:02}", "name": "Ann"} for i in range(10)))
+    pipeline.apply(cfg, pg)
+    built = graph.load(cfg).models
+    batches = []
+
+    def stop_after_two() -> bool:  # asked before each model and each batch
+        batches.append(pg.execute("SELECT build_docs FROM chtsync_models WHERE name = 'person'").fetchone()[0])
+        return (batches[-1] or 0) >= 6
+
+    results = by_name(pipeline.refresh_once(cfg, pg, should_stop=stop_after_two))
+    assert results["person"].status == "building" and "by_name" not in results  # the round ends
+    assert batches[:4] == [None, 0, 3, 6]  # one transaction per batch, progress recorded by each
+    # Stopped: what is done stays, with its progress (status and /metrics read it).
+    assert pg.execute("SELECT count(*) FROM person").fetchone() == (6,)
+    build = next(m for m in status.gather(cfg, pg, counts=False)["models"] if m["name"] == "person")["build"]
+    assert build["docs"] == 6 and build["total"] == 10 and build["rows"] == 6
+    # Writes during the build, to documents done and not yet done; then the build resumes.
+    docs.put({"_id": "p00", "name": "Bob"}, {"_id": "p09", "name": "Bob"}, {"_id": "p99", "name": "Cy"})
+    docs.delete("p01")
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["person"].status == "ok" and results["person"].changed is None
+    assert records(pg)["person"]["build_docs"] is None  # finished
+    pipeline.refresh_once(cfg, pg)  # the writes since the build started, re-derived
+    assert diff_with_rebuild(pg, built["person"]) == diff_with_rebuild(pg, built["by_name"]) == 0
+    assert pg.execute("SELECT count(*) FROM person").fetchone() == (10,)
 
 
 def test_refresh_needs_applied_definitions(pg: psycopg.Connection, cfg: Config, models: ModelsFile) -> None:
@@ -644,6 +697,8 @@ def test_cli(pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs
     assert "--adopt" in capsys.readouterr().err
     assert cli.main(["models", "apply", "--adopt"]) == 0
     assert "applied: 3 to create, 1 to replace" in capsys.readouterr().out
+    assert cli.main(["models", "refresh"]) == 0  # the first build
+    capsys.readouterr()
     docs.put({"_id": "p1", "type": "person"})
     assert cli.main(["models", "refresh"]) == 0
     out = capsys.readouterr().out

@@ -173,7 +173,8 @@ def _restore(conn: psycopg.Connection, view: _SavedView) -> None:
 def create_model(conn: psycopg.Connection, model: Model) -> int | None:
     """Create the model's object and indexes; return its row count (None for a view)."""
     name = sql.Identifier(model.name)
-    suffix = sql.SQL(" WITH DATA" if model.kind == "materialized_view" else "")
+    # An incremental model is created empty: the refresh builds it in batches (refresh._build).
+    suffix = sql.SQL({"materialized_view": " WITH DATA", "incremental": " WITH NO DATA"}.get(model.kind, ""))
     cur = conn.execute(q("create_object", kind=sql.SQL(CREATE[model.kind]), relation=name,
                          body=sql.SQL(model.sql), suffix=suffix))
     rows = None if model.kind == "view" else cur.rowcount
@@ -235,7 +236,7 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                 conn.execute(q("record_created"), {
                     "name": model.name, "kind": model.kind, "hash": model.hash, "rows": rows,
                     "ms": (time.monotonic() - started) * 1000,
-                    "snapshot": None if model.kind == "view" else snapshot})
+                    "snapshot": None if model.kind in ("view", "incremental") else snapshot})
         for view in saved:
             try:
                 _restore(conn, view)

@@ -120,11 +120,6 @@ def _incremental(conn: psycopg.Connection, cfg: Config, model: Model, state: _St
                  aggregates: list[Model]) -> tuple[int, int | None]:
     """Delete and re-derive the rows of documents written since the model's snapshot."""
     name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
-    if state.snapshot is None:  # never built: everything
-        for agg in aggregates:
-            conn.execute(q("pending_all"), (agg.name,))
-        conn.execute(q("truncate", model=name))
-        return conn.execute(q("full_insert", model=name, body=body)).rowcount, None
     conn.execute(q("changed_ids_table"))
     changed = conn.execute(q("changed_ids_fill"), _since(cfg, state.snapshot), prepare=False).rowcount
     if changed == 0:
@@ -144,6 +139,56 @@ def _incremental(conn: psycopg.Connection, cfg: Config, model: Model, state: _St
     if state.rows is None:
         return value(conn, "count_rows", model=name), changed
     return state.rows - deleted + inserted, changed
+
+
+# Documents per transaction of a first build: bounded transactions (and WAL between
+# checkpoints), progress that survives a restart, readers and ingest never wait for it.
+BUILD_BATCH = 20_000
+
+
+def _build(conn: psycopg.Connection, cfg: Config, model: Model, snapshot: str, aggregates: list[Model],
+           should_stop: Callable[[], bool]) -> tuple[int, str] | None:
+    """Fill an incremental model from scratch in batches of BUILD_BATCH document ids (in key
+    order), one transaction each, resuming a build an earlier run left unfinished. Return (rows,
+    the snapshot the build started from), or None when stopped first.
+
+    Exact like an incremental run: every batch reads the current data, and whatever was written
+    after the starting snapshot (in a batch already done or not) is re-derived by the next run."""
+    name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
+    table = db.table_ident(cfg)
+    conn.execute(q("changed_ids_table"))
+    build_snapshot, after, docs, rows, total = conn.execute(q("build_state"), (model.name,)).fetchone()
+    if build_snapshot is None:
+        with conn.transaction():
+            conn.execute(q("truncate", model=name))
+            for agg in aggregates:
+                conn.execute(q("pending_all"), (agg.name,))
+            total = value(conn, "raw_documents", (f"{cfg.schema}.{cfg.table}",), table=table)
+            conn.execute(q("build_start"), {"name": model.name, "snapshot": snapshot, "total": total})
+        build_snapshot = snapshot
+    else:
+        log.info("model build resumed name=%s docs=%d rows=%d", model.name, docs, rows)
+    started, docs_before = time.monotonic(), docs
+    while True:
+        if should_stop():
+            return None
+        with conn.transaction():
+            batch = conn.execute(q("build_ids", table=table), {"after": after, "batch": BUILD_BATCH},
+                                 prepare=False).rowcount
+            if batch:
+                after = value(conn, "build_last_id")
+                conn.execute(q("changed_ids_analyze"))
+                rows += conn.execute(q("incremental_insert", model=name, key=key, body=body),
+                                     prepare=False).rowcount
+                docs += batch
+                conn.execute(q("build_progress"), {"name": model.name, "after": after, "docs": docs,
+                                                   "rows": rows})
+        if not batch:
+            return rows, build_snapshot
+        rate = (docs - docs_before) / max(time.monotonic() - started, 1e-3)
+        eta = max((total or docs) - docs, 0) / rate if rate else 0.0
+        log.info("model building name=%s docs=%d/%d rows=%d rate=%.0f docs/s eta=%.0f s",
+                 model.name, docs, total or docs, rows, rate, eta)
 
 
 # More distinct values than this in one group column: recount everything instead.
@@ -272,11 +317,24 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
                            key=_age)
         started = time.monotonic()
         try:
-            with conn.transaction():
-                rows, changed_docs = _refresh_model(conn, cfg, model, state, aggregates.get(model.name, []))
-                ms = (time.monotonic() - started) * 1000
-                state.seq = value(conn, "record_refresh_ok", {
-                    "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
+            if model.kind == Kind.INCREMENTAL and state.snapshot is None:  # first build, in batches
+                built = _build(conn, cfg, model, new_snapshot, aggregates.get(model.name, []), should_stop)
+                if built is None:
+                    failed[model.name] = "is still being built"
+                    results.append(RefreshResult(model.name, model.kind, "building"))
+                    continue
+                (rows, new_snapshot), changed_docs = built, None
+                with conn.transaction():
+                    ms = (time.monotonic() - started) * 1000
+                    state.seq = value(conn, "record_refresh_ok", {
+                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
+                    conn.execute(q("build_done"), (model.name,))
+            else:
+                with conn.transaction():
+                    rows, changed_docs = _refresh_model(conn, cfg, model, state, aggregates.get(model.name, []))
+                    ms = (time.monotonic() - started) * 1000
+                    state.seq = value(conn, "record_refresh_ok", {
+                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 raise

@@ -86,7 +86,9 @@ ON CONFLICT (name) DO UPDATE SET
     last_error = NULL,
     watermark = excluded.watermark,
     snapshot = excluded.snapshot,
-    refresh_seq = excluded.refresh_seq
+    refresh_seq = excluded.refresh_seq,
+    build_snapshot = NULL, build_after = NULL, build_docs = NULL, build_rows = NULL,
+    build_total = NULL, build_started_at = NULL
 
 -- name: record_dropped
 DELETE FROM chtsync_models WHERE name = %s
@@ -259,3 +261,42 @@ DELETE FROM {model} AS m WHERE {condition}
 -- name: aggregate_insert
 -- The condition names only group columns, so Postgres pushes it below the GROUP BY.
 INSERT INTO {model} SELECT * FROM ({body}) AS m WHERE {condition}
+
+-- name: build_state
+SELECT build_snapshot::text, build_after, coalesce(build_docs, 0), coalesce(build_rows, 0), build_total
+FROM chtsync_models WHERE name = %s
+
+-- name: raw_documents
+-- How many documents a first build goes through: the planner's estimate once the raw table
+-- has been analyzed (chtsync does it before building), else a count.
+SELECT CASE WHEN c.reltuples > 0 THEN c.reltuples::bigint
+            ELSE (SELECT count(*) FROM {table}) END
+FROM pg_class AS c WHERE c.oid = to_regclass(%s)
+
+-- name: build_start
+UPDATE chtsync_models SET
+    build_snapshot = %(snapshot)s::pg_snapshot, build_after = NULL, build_docs = 0, build_rows = 0,
+    build_total = %(total)s, build_started_at = now()
+WHERE name = %(name)s
+
+-- name: build_ids
+-- The next batch of document ids (in key order, from the primary key alone) as changed ids.
+INSERT INTO chtsync_changed_ids (id)
+SELECT DISTINCT _id FROM (
+    SELECT _id FROM {table} WHERE %(after)s::text IS NULL OR _id > %(after)s::text
+    ORDER BY _id LIMIT %(batch)s
+) AS b
+
+-- name: build_last_id
+SELECT max(id) FROM chtsync_changed_ids
+
+-- name: build_progress
+UPDATE chtsync_models SET
+    build_after = %(after)s, build_docs = %(docs)s, build_rows = %(rows)s, last_refresh_at = now()
+WHERE name = %(name)s
+
+-- name: build_done
+UPDATE chtsync_models SET
+    build_snapshot = NULL, build_after = NULL, build_docs = NULL, build_rows = NULL,
+    build_total = NULL, build_started_at = NULL
+WHERE name = %s
