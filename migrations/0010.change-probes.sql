@@ -1,8 +1,9 @@
 -- chtsync 0010: the pipeline's change probes, independent of the raw table's statistics.
 -- Without statistics (a bulk load, autovacuum off or late) the planner guesses that a third of
 -- the table matches `_xid >= x` and scans it all; with sequential scans off inside these
--- functions every plan goes through the _xid index, whatever the statistics say. The queries
--- run through EXECUTE, so each call is planned with the snapshot's actual values.
+-- functions every plan goes through the _xid index, whatever the statistics say (and JIT, which
+-- the disabled scan's cost would trigger, is off). The queries run through EXECUTE, so each call
+-- is planned with the snapshot's actual values.
 -- depends: 0006.model-helpers
 
 -- Has a transaction the snapshot did not see written a row? (xid >= its xmax, or in its xip list)
@@ -10,6 +11,7 @@ CREATE OR REPLACE FUNCTION chtsync_raw_changed_v1(p_table regclass, p_since pg_s
 RETURNS boolean
 LANGUAGE plpgsql STABLE
 SET enable_seqscan = off
+SET jit = off
 AS $fn$
 DECLARE
     found boolean;
@@ -27,6 +29,7 @@ CREATE OR REPLACE FUNCTION chtsync_changed_ids_v1(p_table regclass, p_since pg_s
 RETURNS SETOF text
 LANGUAGE plpgsql STABLE
 SET enable_seqscan = off
+SET jit = off
 AS $fn$
 BEGIN
     RETURN QUERY EXECUTE format('SELECT _id::text FROM %s WHERE _xid >= $1'

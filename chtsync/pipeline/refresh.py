@@ -121,6 +121,7 @@ def _incremental(conn: psycopg.Connection, cfg: Config, model: Model, state: _St
     """Delete and re-derive the rows of documents written since the model's snapshot."""
     name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
     conn.execute(q("changed_ids_table"))
+    conn.execute(q("local_jit_off"))
     changed = conn.execute(q("changed_ids_fill"), _since(cfg, state.snapshot), prepare=False).rowcount
     if changed == 0:
         return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
@@ -131,9 +132,7 @@ def _incremental(conn: psycopg.Connection, cfg: Config, model: Model, state: _St
     if model.spec.reference_keys:
         conn.execute(q("changed_ids_analyze"))
     _record_groups(conn, aggregates, model, after=False)
-    conn.execute(q("local_seqscan"), ("off",))
     deleted = conn.execute(q("incremental_delete", model=name, key=key), prepare=False).rowcount
-    conn.execute(q("local_seqscan"), ("on",))
     inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body), prepare=False).rowcount
     _record_groups(conn, aggregates, model, after=True)
     if state.rows is None:
@@ -173,6 +172,7 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, snapshot: str, a
         if should_stop():
             return None
         with conn.transaction():
+            conn.execute(q("local_jit_off"))
             batch = conn.execute(q("build_ids", table=table), {"after": after, "batch": BUILD_BATCH},
                                  prepare=False).rowcount
             if batch:
@@ -213,6 +213,7 @@ def _aggregate(conn: psycopg.Connection, model: Model, state: _State) -> tuple[i
         return conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None
     if groups == 0:
         return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
+    conn.execute(q("local_jit_off"))
     types = dict(conn.execute(q("column_types"), (model.name,)).fetchall())
     condition = sql.SQL(" AND ").join(
         q("group_filter", column=sql.Identifier(c), type=sql.SQL(types[c])) for c in values)
