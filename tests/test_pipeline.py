@@ -471,12 +471,12 @@ def test_statistics_are_kept_by_chtsync(pg: psycopg.Connection, cfg: Config, mod
     models.set("person", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb WHERE doc ->> 'type' = 'person'",
                kind="incremental", unique_key=["uuid"])
     pipeline.apply(cfg, pg)
-    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 0, "person": 1}  # created empty
+    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 0, "person": 0}  # created empty
     docs.put(*({"_id": f"p{i}", "type": "person", "name": "Ann"} for i in range(200)))
     analyze_counts(pg)
     assert by_name(pipeline.refresh_once(cfg, pg))["person"].rows == 200  # its first build
     # The raw table before the models (200 rows written > 50 + 10 % of 0), the model once built.
-    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 1, "person": 2}
+    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 1, "person": 1}
     docs.put(*({"_id": f"p{i}", "type": "person", "name": "Ann"} for i in range(200, 400)))
     analyze_counts(pg)
     assert by_name(pipeline.refresh_once(cfg, pg))["person"].changed == 200
@@ -486,7 +486,7 @@ def test_statistics_are_kept_by_chtsync(pg: psycopg.Connection, cfg: Config, mod
         analyze_counts(pg)
         pipeline.refresh_once(cfg, pg)
     settled = analyze_counts(pg, "couchdb", "person")
-    assert settled["couchdb"] == 2 and settled["person"] >= 3
+    assert settled["couchdb"] == 2 and settled["person"] >= 2
     # Few writes since (20 raw, 40 in the model): below 50 + 10 % of 400 rows, nothing analyzed.
     docs.put(*({"_id": f"p{i}", "type": "person", "name": "Bob"} for i in range(20)))
     for _ in range(2):

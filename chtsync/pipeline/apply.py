@@ -245,10 +245,11 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                     f"models apply: cannot recreate {view.schema}.{view.name}, a view built on a model"
                     f" being replaced or dropped: {first_line(exc)}. Change or drop that view first"
                 ) from None
-    # Built in one statement each: give the planner their statistics before the first refresh.
+    # Built in one statement each: give the planner their statistics before the first refresh
+    # (incremental models are created empty, and analyzed once the refresh has built them).
     with autocommit(conn):
         for step in plan.steps:
-            if step.action in ("create", "replace") and step.kind != "view":
+            if step.action in ("create", "replace") and step.kind not in ("view", "incremental"):
                 analyze(conn, step.name)
     for step in plan.steps:
         if step.action != "unchanged":

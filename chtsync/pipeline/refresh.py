@@ -162,7 +162,7 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, snapshot: str, a
             conn.execute(q("truncate", model=name))
             for agg in aggregates:
                 conn.execute(q("pending_all"), (agg.name,))
-            total = value(conn, "raw_documents", (f"{cfg.schema}.{cfg.table}",), table=table)
+            total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=table)
             conn.execute(q("build_start"), {"name": model.name, "snapshot": snapshot, "total": total})
         build_snapshot = snapshot
     else:
@@ -347,7 +347,9 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
             results.append(RefreshResult(model.name, model.kind, "error", duration_ms=ms, error=error))
             continue
         state.snapshot, state.rows = new_snapshot, rows
-        if changed_docs is None:  # built from scratch: downstream models are planned with its statistics
+        if changed_docs is None and model.kind != Kind.MATERIALIZED_VIEW:
+            # Built from scratch: downstream models are planned with its statistics. (A
+            # concurrent matview refresh changes only what differs: left to analyze_due.)
             analyze(conn, model.name)
         log.info("model refreshed name=%s kind=%s rows=%s changed=%s ms=%.0f",
                  model.name, model.kind, rows, changed_docs, ms)
@@ -417,6 +419,7 @@ def rebuild(cfg: Config, conn: psycopg.Connection, name: str) -> RefreshResult:
             conn.execute(q("truncate", model=target))
             rows = conn.execute(q("full_insert", model=target, body=sql.SQL(model.sql))).rowcount
         conn.execute(q("pending_clear"), (name,))  # an aggregate: every group is counted now
+        conn.execute(q("build_done"), (name,))  # a batched first build, if one was under way
         for m in pipeline.models.values():
             if m.kind == Kind.AGGREGATE and m.deps[0] == name:
                 conn.execute(q("pending_all"), (m.name,))

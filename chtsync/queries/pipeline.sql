@@ -271,7 +271,7 @@ FROM chtsync_models WHERE name = %s
 -- has been analyzed (chtsync does it before building), else a count.
 SELECT CASE WHEN c.reltuples > 0 THEN c.reltuples::bigint
             ELSE (SELECT count(*) FROM {table}) END
-FROM pg_class AS c WHERE c.oid = to_regclass(%s)
+FROM pg_class AS c WHERE c.oid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass
 
 -- name: build_start
 UPDATE chtsync_models SET
