@@ -209,7 +209,7 @@ def _aggregate(conn: psycopg.Connection, model: Model, state: _State) -> tuple[i
             groups += 1
     groups //= max(len(values), 1)
     if everything or any(len(v) > MAX_GROUP_VALUES for v in values.values()):
-        conn.execute(q("truncate", model=name))
+        conn.execute(q("delete_all", model=name))  # not TRUNCATE: readers keep reading meanwhile
         return conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None
     if groups == 0:
         return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0

@@ -145,6 +145,9 @@ INSERT INTO {model} SELECT * FROM ({body}) AS m
 -- name: truncate
 TRUNCATE {model}
 
+-- name: delete_all
+DELETE FROM {model}
+
 -- name: refresh_matview
 REFRESH MATERIALIZED VIEW {model}
 
