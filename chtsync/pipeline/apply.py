@@ -170,11 +170,13 @@ def _restore(conn: psycopg.Connection, view: _SavedView) -> None:
             grant_option=sql.SQL(" WITH GRANT OPTION" if grant["grantable"] else "")))
 
 
-def create_model(conn: psycopg.Connection, model: Model) -> int | None:
-    """Create the model's object and indexes; return its row count (None for a view)."""
+def create_model(conn: psycopg.Connection, model: Model, empty: bool = False) -> int | None:
+    """Create the model's object and indexes; return its row count (None for a view). With
+    empty=True an incremental model is created without rows, for the refresh to build it in
+    batches (refresh._build)."""
     name = sql.Identifier(model.name)
-    # An incremental model is created empty: the refresh builds it in batches (refresh._build).
-    suffix = sql.SQL({"materialized_view": " WITH DATA", "incremental": " WITH NO DATA"}.get(model.kind, ""))
+    suffix = sql.SQL(" WITH DATA" if model.kind == "materialized_view"
+                     else " WITH NO DATA" if empty and model.kind == "incremental" else "")
     cur = conn.execute(q("create_object", kind=sql.SQL(CREATE[model.kind]), relation=name,
                          body=sql.SQL(model.sql), suffix=suffix))
     rows = None if model.kind == "view" else cur.rowcount
@@ -229,14 +231,17 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
             elif step.action in ("create", "replace"):
                 model = pipeline.models[step.name]
                 started = time.monotonic()
+                # A new incremental model is built by the refresh, in batches. One that replaces an
+                # existing object is built here, so readers keep the old one until this commits.
+                empty = step.action == "create" and model.kind == "incremental"
                 try:
-                    rows = create_model(conn, model)
+                    rows = create_model(conn, model, empty)
                 except psycopg.Error as exc:
                     raise ConfigError(f"model '{model.name}': {first_line(exc)}") from None
                 conn.execute(q("record_created"), {
                     "name": model.name, "kind": model.kind, "hash": model.hash, "rows": rows,
                     "ms": (time.monotonic() - started) * 1000,
-                    "snapshot": None if model.kind in ("view", "incremental") else snapshot})
+                    "snapshot": None if model.kind == "view" or empty else snapshot})
         for view in saved:
             try:
                 _restore(conn, view)
@@ -249,7 +254,8 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
     # (incremental models are created empty, and analyzed once the refresh has built them).
     with autocommit(conn):
         for step in plan.steps:
-            if step.action in ("create", "replace") and step.kind not in ("view", "incremental"):
+            built_here = step.action == "replace" or (step.action == "create" and step.kind != "incremental")
+            if built_here and step.kind != "view":
                 analyze(conn, step.name)
     for step in plan.steps:
         if step.action != "unchanged":
