@@ -142,11 +142,11 @@ def bench(sizes: list[int]) -> tuple[list[dict[str, object]], str]:
                     conn.execute("TRUNCATE chtsync_models")
                     conn.execute(GENERATE, (loaded + 1, size))
                     loaded = size
-                    conn.execute("VACUUM ANALYZE couchdb")
+                    # No hand-run VACUUM or ANALYZE: chtsync keeps the statistics itself.
                     started = time.monotonic()
                     pipeline.apply(cfg, conn, pipeline=built)
+                    pipeline.refresh_once(cfg, conn, pipeline=built)  # the incremental table's first build
                     build_s = time.monotonic() - started
-                    conn.execute("VACUUM ANALYZE data_record_inc")
                     mv, inc, idle = [], [], []
                     for r in range(ROUNDS):
                         edit_reports(conn, size, loaded + r)

@@ -75,7 +75,14 @@ class RuntimeCollector(Collector):
         rows = GaugeMetricFamily("chtsync_model_rows", "Rows after the last refresh", labels=["model"])
         success = GaugeMetricFamily("chtsync_model_last_success_timestamp",
                                     "Unix time of the last successful refresh", labels=["model"])
+        build_docs = GaugeMetricFamily("chtsync_model_build_documents",
+                                       "First build in progress: documents done", labels=["model"])
+        build_total = GaugeMetricFamily("chtsync_model_build_documents_total",
+                                        "First build in progress: documents in all", labels=["model"])
         for m in rt.models:
+            if m.get("build"):
+                build_docs.add_metric([m["name"]], m["build"]["docs"])
+                build_total.add_metric([m["name"]], m["build"]["total"])
             if m["duration_ms"] is not None:
                 refresh.add_metric([m["name"]], m["duration_ms"] / 1000)
             if m["staleness_seconds"] is not None:
@@ -84,7 +91,7 @@ class RuntimeCollector(Collector):
                 rows.add_metric([m["name"]], m["rows"])
             if m["last_success_at"]:
                 success.add_metric([m["name"]], dt.datetime.fromisoformat(m["last_success_at"]).timestamp())
-        yield from (refresh, stale, rows, success)
+        yield from (refresh, stale, rows, success, build_docs, build_total)
 
 
 def ready(runtime: Runtime) -> tuple[bool, dict[str, Any]]:

@@ -77,9 +77,20 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
                 "last_success_at": _iso(m["last_success_at"]),
                 "duration_ms": m["last_duration_ms"],
                 "staleness_seconds": m["staleness_seconds"],
+                "build": _build(m),
             })
     return {"schema": cfg.schema, "table": cfg.table, "now": _iso(now),
             "sources": sources, "models": models}
+
+
+def _build(m: dict[str, Any]) -> dict[str, Any] | None:
+    """A first build in progress: documents done of all, rows written, rate and ETA."""
+    if m.get("build_docs") is None:
+        return None
+    done, total, seconds = m["build_docs"], m["build_total"] or m["build_docs"], m["build_seconds"] or 0.0
+    rate = done / seconds if seconds > 0 else None
+    return {"docs": done, "total": total, "rows": m["build_rows"], "docs_per_second": rate,
+            "eta_seconds": max(total - done, 0) / rate if rate else None}
 
 
 def _verify_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:

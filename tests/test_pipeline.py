@@ -17,10 +17,11 @@ import pytest
 import yaml
 from psycopg import sql
 
-from chtsync import cli, db, migrate, pipeline
+from chtsync import cli, db, migrate, pipeline, status
 from chtsync.config import Config, ConfigError
 from chtsync.errors import ModelBuildError, PlanConflict
 from chtsync.pipeline import graph
+from chtsync.pipeline import refresh as refresh_mod
 from chtsync.pipeline.models import load_file
 from tests.conftest import make_config
 from tests.syncutil import wait_until
@@ -108,6 +109,12 @@ def diff_with_rebuild(conn: psycopg.Connection, model: graph.Model) -> int:
 
 def by_name(results: list[pipeline.RefreshResult]) -> dict[str, pipeline.RefreshResult]:
     return {r.name: r for r in results}
+
+
+def build(cfg: Config, conn: psycopg.Connection) -> None:
+    """apply, then the first refresh: it fills the incremental models apply created empty."""
+    pipeline.apply(cfg, conn)
+    pipeline.refresh_once(cfg, conn)
 
 
 @pytest.fixture
@@ -237,11 +244,15 @@ def test_plan_apply_create_replace_drop(pg: psycopg.Connection, cfg: Config, mod
         ("live", "create"), ("snapshot", "create"), ("person", "create"), ("by_type", "create")]
     assert pipeline.apply(cfg, pg).changed
     assert pg.execute("SELECT * FROM by_type ORDER BY type").fetchall() == [("clinic", 1), ("person", 1)]
-    assert pg.execute("SELECT uuid, name FROM person").fetchall() == [("p1", "Ann")]
+    # An incremental model is created empty, then built by the refresh (in batches).
+    assert pg.execute("SELECT uuid, name FROM person").fetchall() == []
     assert pg.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'person'").fetchall() != []
     rec = records(pg)
-    assert rec["person"]["last_status"] == "created" and rec["person"]["last_rows"] == 1
+    assert rec["person"]["last_status"] == "created" and rec["person"]["snapshot"] is None
     assert rec["snapshot"]["last_rows"] == 2 and rec["live"]["last_rows"] is None
+    assert by_name(pipeline.refresh_once(cfg, pg))["person"].rows == 1
+    assert pg.execute("SELECT uuid, name FROM person").fetchall() == [("p1", "Ann")]
+    rec = records(pg)
 
     # Nothing changed: nothing touched.
     first = oids(pg, "live", "by_type", "snapshot", "person")
@@ -291,6 +302,7 @@ def test_foreign_objects_are_refused_then_adopted(pg: psycopg.Connection, cfg: C
         pipeline.apply(cfg, pg)
     assert oids(pg, "live")["live"] is None  # nothing was done
     pipeline.apply(cfg, pg, adopt=True)
+    pipeline.refresh_once(cfg, pg)
     assert pg.execute("SELECT * FROM dash.people").fetchall() == [("p1", "Ann")]
     assert pg.execute("SELECT has_table_privilege('public', 'dash.people', 'SELECT')").fetchone() == (True,)
     assert records(pg)["person"]["kind"] == "incremental"
@@ -298,7 +310,7 @@ def test_foreign_objects_are_refused_then_adopted(pg: psycopg.Connection, cfg: C
     models.set("person", "SELECT _id AS uuid, upper(doc ->> 'name') AS name FROM couchdb"
                " WHERE doc ->> 'type' = 'person'", kind="incremental", unique_key=["uuid"])
     assert pipeline.plan(cfg, pg).conflicts == []
-    pipeline.apply(cfg, pg)
+    build(cfg, pg)
     assert pg.execute("SELECT * FROM dash.people").fetchall() == [("p1", "ANN")]
     # A view that cannot survive the change stops the apply with its name.
     models.set("person", "SELECT _id AS uuid FROM couchdb", kind="incremental", unique_key=["uuid"])
@@ -329,7 +341,7 @@ def test_refresh_skips_unchanged_models(pg: psycopg.Connection, cfg: Config, mod
     base_models(models)
     models.set("names", "SELECT count(*) AS n FROM person", kind="materialized_view")  # over a table
     models.set("hourly", "SELECT count(*) AS n FROM couchdb", kind="materialized_view", interval=3600)
-    pipeline.apply(cfg, pg)
+    build(cfg, pg)
     created = records(pg)
     results = by_name(pipeline.refresh_once(cfg, pg))
     assert {r.status for n, r in results.items() if n != "hourly"} == {"skipped"}
@@ -428,7 +440,7 @@ def test_incremental_follows_edits_deletes_and_filters(pg: psycopg.Connection, c
     docs.put({"_id": "p1", "type": "person", "name": "Ann", "tags": ["a", "b"]},
              {"_id": "p2", "type": "person", "name": "Bob", "tags": []})
     docs.put({"_id": "p1", "type": "person", "name": "Ann (other)", "tags": ["c"]}, source="host/other")
-    pipeline.apply(cfg, pg)
+    build(cfg, pg)
     built = graph.load(cfg).models
     docs.put({"_id": "p2", "type": "clinic", "name": "Bob"}, {"_id": "p3", "type": "person", "name": "Cy",
                                                               "tags": ["x"]})
@@ -447,6 +459,184 @@ def test_incremental_follows_edits_deletes_and_filters(pg: psycopg.Connection, c
     assert result.rows == 2 and diff_with_rebuild(pg, built["person"]) == 0
     with pytest.raises(ConfigError, match="'nope' is not an enabled model"):
         pipeline.rebuild(cfg, pg, "nope")
+
+
+def analyze_counts(conn: psycopg.Connection, *names: str) -> dict[str, int]:
+    conn.execute("SELECT pg_stat_force_next_flush()")  # this session's counts, now
+    return dict(conn.execute("SELECT relname::text, analyze_count FROM pg_stat_user_tables"
+                             " WHERE schemaname = 'v1' AND relname = ANY(%s)", (list(names),)).fetchall())
+
+
+def test_statistics_are_kept_by_chtsync(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                        docs: Docs) -> None:
+    # autovacuum is off on the test server: only chtsync analyzes here.
+    models.set("person", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb WHERE doc ->> 'type' = 'person'",
+               kind="incremental", unique_key=["uuid"])
+    pipeline.apply(cfg, pg)
+    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 0, "person": 0}  # created empty
+    docs.put(*({"_id": f"p{i}", "type": "person", "name": "Ann"} for i in range(200)))
+    analyze_counts(pg)
+    assert by_name(pipeline.refresh_once(cfg, pg))["person"].rows == 200  # its first build
+    # The raw table before the models (200 rows written > 50 + 10 % of 0), the model once built.
+    assert analyze_counts(pg, "couchdb", "person") == {"couchdb": 1, "person": 1}
+    docs.put(*({"_id": f"p{i}", "type": "person", "name": "Ann"} for i in range(200, 400)))
+    analyze_counts(pg)
+    assert by_name(pipeline.refresh_once(cfg, pg))["person"].changed == 200
+    # The model's 200 new rows count once this session's statistics reach the server (a write
+    # counted after an ANALYZE may cause one more).
+    for _ in range(2):
+        analyze_counts(pg)
+        pipeline.refresh_once(cfg, pg)
+    settled = analyze_counts(pg, "couchdb", "person")
+    assert settled["couchdb"] == 2 and settled["person"] >= 2
+    # Few writes since (20 raw, 40 in the model): below 50 + 10 % of 400 rows, nothing analyzed.
+    docs.put(*({"_id": f"p{i}", "type": "person", "name": "Bob"} for i in range(20)))
+    for _ in range(2):
+        analyze_counts(pg)
+        pipeline.refresh_once(cfg, pg)
+    assert analyze_counts(pg, "couchdb", "person") == settled
+    # rebuild analyzes what it rebuilt.
+    pipeline.rebuild(cfg, pg, "person")
+    assert analyze_counts(pg, "person") == {"person": settled["person"] + 1}
+
+
+def test_change_probe_ignores_missing_statistics(pg: psycopg.Connection, docs: Docs) -> None:
+    docs.put(*({"_id": f"r{i}", "type": "report"} for i in range(2000)))  # never analyzed
+    snapshot = pg.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+
+    def probe() -> tuple[bool, list[str], int, int]:
+        with pg.transaction():  # this transaction's own scan counts
+            changed = pg.execute("SELECT chtsync_raw_changed_v1('couchdb', %s::pg_snapshot)", (snapshot,)).fetchone()[0]
+            ids = sorted(r[0] for r in pg.execute("SELECT * FROM chtsync_changed_ids_v1('couchdb', %s::pg_snapshot)",
+                                                  (snapshot,)))
+            seq, idx = pg.execute("SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables"
+                                  " WHERE relid = 'couchdb'::regclass").fetchone()
+        return changed, ids, seq, idx
+
+    changed, ids, seq, idx = probe()
+    assert (changed, ids, seq) == (False, [], 0) and idx >= 3  # index probes, no scan of 2000 rows
+    docs.put({"_id": "r1", "type": "report"}, {"_id": "new", "type": "report"})
+    changed, ids, seq, idx = probe()
+    assert (changed, ids, seq) == (True, ["new", "r1"], 0) and idx >= 3
+
+
+def test_reference_keys_rederive_rows_of_other_documents(pg: psycopg.Connection, cfg: Config,
+                                                         models: ModelsFile, docs: Docs) -> None:
+    models.set("node", "SELECT _id AS uuid, doc ->> 'name' AS name, doc ->> 'parent' AS parent FROM couchdb"
+               " WHERE NOT _deleted", kind="incremental", unique_key=["uuid"])
+    models.set("chain", "SELECT c.uuid, c.name, c.parent AS p1, a1.name AS p1_name, a1.parent AS p2,"
+               " a2.name AS p2_name FROM node AS c LEFT JOIN node AS a1 ON a1.uuid = c.parent"
+               " LEFT JOIN node AS a2 ON a2.uuid = a1.parent",
+               kind="incremental", unique_key=["uuid"], reference_keys=["p1", "p2"],
+               indexes=[{"columns": ["uuid"]}, {"columns": ["p1"]}, {"columns": ["p2"]}])
+    docs.put({"_id": "district", "name": "D"}, {"_id": "hc", "name": "H", "parent": "district"},
+             {"_id": "chw", "name": "C", "parent": "hc"}, {"_id": "other", "name": "O"})
+    build(cfg, pg)
+    built = graph.load(cfg).models
+    docs.put({"_id": "district", "name": "D2"})  # renames show two levels down
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["chain"].changed == 3  # district, hc, chw; not other
+    assert pg.execute("SELECT p2_name FROM chain WHERE uuid = 'chw'").fetchone() == ("D2",)
+    docs.put({"_id": "hc", "name": "H", "parent": "other"})  # a move re-derives the subtree
+    docs.delete("district")
+    pipeline.refresh_once(cfg, pg)
+    assert pg.execute("SELECT p1_name, p2 FROM chain WHERE uuid = 'chw'").fetchone() == ("H", "other")
+    docs.put({"_id": "missing-parent-child", "name": "M", "parent": "late"})
+    pipeline.refresh_once(cfg, pg)
+    docs.put({"_id": "late", "name": "L"})  # a parent arriving after its child
+    pipeline.refresh_once(cfg, pg)
+    assert pg.execute("SELECT p1_name FROM chain WHERE uuid = 'missing-parent-child'").fetchone() == ("L",)
+    assert diff_with_rebuild(pg, built["chain"]) == 0
+    with pytest.raises(ConfigError, match="'reference_keys' applies to incremental models only"):
+        models.set("v", "SELECT 1 AS x", kind="table", reference_keys=["x"])
+        graph.load(cfg)
+
+
+def test_aggregate_recounts_only_touched_groups(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                                docs: Docs) -> None:
+    models.set("report", "SELECT _id AS uuid, doc ->> 'form' AS form, (doc ->> 'day')::date AS day"
+               " FROM couchdb WHERE NOT _deleted", kind="incremental", unique_key=["uuid"],
+               indexes=[{"columns": ["uuid"]}, {"columns": ["form", "day"]}])
+    models.set("daily", "SELECT form, day, count(*) AS n FROM report GROUP BY form, day",
+               kind="aggregate", unique_key=["form", "day"], indexes=[{"columns": ["form", "day"], "unique": True}])
+    models.set("slow", "SELECT form, count(*) AS n FROM report GROUP BY form", kind="aggregate",
+               unique_key=["form"], interval=3600)
+    docs.put(*({"_id": f"a{i}", "form": "A", "day": "2026-01-01"} for i in range(3)),
+             {"_id": "b1", "form": "B", "day": "2026-01-02"}, {"_id": "x", "form": None, "day": None})
+    build(cfg, pg)
+    built = graph.load(cfg).models
+    docs.put({"_id": "a0", "form": "B", "day": "2026-01-02"})  # leaves (A, 1st), joins (B, 2nd)
+    docs.put({"_id": "x", "form": "C", "day": None})  # leaves (NULL, NULL), joins (C, NULL)
+    docs.delete("b1")
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["daily"].status == "ok" and results["daily"].changed == 4
+    assert sorted(pg.execute("SELECT form, day::text, n FROM daily").fetchall(), key=str) == [
+        ("A", "2026-01-01", 2), ("B", "2026-01-02", 1), ("C", None, 1)]
+    assert results["slow"].status == "waiting"
+    for i in range(3):  # the upstream refreshes while `slow` waits: its groups accumulate
+        docs.put({"_id": f"c{i}", "form": "C", "day": "2026-01-03"})
+        pipeline.refresh_once(cfg, pg)
+    assert pg.execute("SELECT count(*) FROM chtsync_model_pending WHERE model = 'slow'").fetchone()[0] > 0
+    assert diff_with_rebuild(pg, built["slow"]) > 0  # still waiting
+    pipeline.refresh_once(cfg, pg, force=True)
+    assert diff_with_rebuild(pg, built["slow"]) == diff_with_rebuild(pg, built["daily"]) == 0
+    assert pg.execute("SELECT count(*) FROM chtsync_model_pending").fetchone() == (0,)
+    pipeline.rebuild(cfg, pg, "report")  # a full build of the upstream recounts every group
+    assert {r.name: r.changed for r in pipeline.refresh_once(cfg, pg, force=True)}["daily"] is None
+    assert diff_with_rebuild(pg, built["daily"]) == 0
+
+
+@pytest.mark.parametrize(("sql_text", "message"), [
+    ("SELECT form, count(*) AS n FROM couchdb GROUP BY form", "reads exactly one other model"),
+    ("SELECT form, count(*) AS n FROM report GROUP BY form HAVING count(*) > 1", "without HAVING"),
+    ("SELECT n AS form, count(*) FROM total GROUP BY n", "must read an incremental model"),
+])
+def test_aggregate_checks(models: ModelsFile, cfg: Config, sql_text: str, message: str) -> None:
+    models.set("report", "SELECT _id AS uuid, doc ->> 'form' AS form FROM couchdb", kind="incremental",
+               unique_key=["uuid"])
+    models.set("total", "SELECT count(*) AS n FROM report", kind="table")
+    models.set("agg", sql_text, kind="aggregate", unique_key=["form"])
+    with pytest.raises(ConfigError, match=message):
+        graph.load(cfg)
+    with pytest.raises(ConfigError, match="'unique_key' is required for an aggregate model"):
+        models.set("agg", sql_text, kind="aggregate")
+        graph.load(cfg)
+
+
+def test_first_build_in_batches_resumes_and_reports_progress(
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(refresh_mod, "BUILD_BATCH", 3)
+    monkeypatch.setattr(refresh_mod, "ONE_STATEMENT_BUILD", 0)
+    models.set("person", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb WHERE NOT _deleted",
+               kind="incremental", unique_key=["uuid"])
+    models.set("by_name", "SELECT name, count(*) AS n FROM person GROUP BY name", kind="aggregate",
+               unique_key=["name"])
+    docs.put(*({"_id": f"p{i:02}", "name": "Ann"} for i in range(10)))
+    pipeline.apply(cfg, pg)
+    built = graph.load(cfg).models
+    batches = []
+
+    def stop_after_two() -> bool:  # asked before each model and each batch
+        batches.append(pg.execute("SELECT build_docs FROM chtsync_models WHERE name = 'person'").fetchone()[0])
+        return (batches[-1] or 0) >= 6
+
+    results = by_name(pipeline.refresh_once(cfg, pg, should_stop=stop_after_two))
+    assert results["person"].status == "building" and "by_name" not in results  # the round ends
+    assert batches[:4] == [None, 0, 3, 6]  # one transaction per batch, progress recorded by each
+    # Stopped: what is done stays, with its progress (status and /metrics read it).
+    assert pg.execute("SELECT count(*) FROM person").fetchone() == (6,)
+    build = next(m for m in status.gather(cfg, pg, counts=False)["models"] if m["name"] == "person")["build"]
+    assert build["docs"] == 6 and build["total"] == 10 and build["rows"] == 6
+    # Writes during the build, to documents done and not yet done; then the build resumes.
+    docs.put({"_id": "p00", "name": "Bob"}, {"_id": "p09", "name": "Bob"}, {"_id": "p99", "name": "Cy"})
+    docs.delete("p01")
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["person"].status == "ok" and results["person"].changed is None
+    assert records(pg)["person"]["build_docs"] is None  # finished
+    pipeline.refresh_once(cfg, pg)  # the writes since the build started, re-derived
+    assert diff_with_rebuild(pg, built["person"]) == diff_with_rebuild(pg, built["by_name"]) == 0
+    assert pg.execute("SELECT count(*) FROM person").fetchone() == (10,)
 
 
 def test_refresh_needs_applied_definitions(pg: psycopg.Connection, cfg: Config, models: ModelsFile) -> None:
@@ -512,6 +702,8 @@ def test_cli(pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs
     assert "--adopt" in capsys.readouterr().err
     assert cli.main(["models", "apply", "--adopt"]) == 0
     assert "applied: 3 to create, 1 to replace" in capsys.readouterr().out
+    assert cli.main(["models", "refresh"]) == 0  # the first build
+    capsys.readouterr()
     docs.put({"_id": "p1", "type": "person"})
     assert cli.main(["models", "refresh"]) == 0
     out = capsys.readouterr().out

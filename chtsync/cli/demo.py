@@ -465,14 +465,14 @@ def _print_summary(console: Console, summary: Summary, pg: EmbeddedPostgres, arg
     table = Table(
         title=f"Models in schema {summary.schema}",
         title_justify="left",
-        caption="Materialized views refresh on their own interval (sql/models.yaml), not on every write.",
+        caption="Models with an interval (sql/models.yaml) refresh at most that often, not on every write.",
         caption_justify="left",
     )
     for column in ("model", "kind", "refreshed", "rows", "expected", ""):
         table.add_column(column, justify="left" if column in ("model", "kind") else "right")
     for name, m in summary.models.items():
         rows = "-" if m["rows"] is None else f"{m['rows']:,}"
-        # Views are always current; materialized views refresh on their own interval.
+        # Views are always current; the others as of their last refresh.
         age = "" if m["kind"] == "view" or m["refreshed_s_ago"] is None else f"{m['refreshed_s_ago']} s ago"
         check = ("", "")
         if m["expected"] is not None:

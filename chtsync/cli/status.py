@@ -48,6 +48,10 @@ def render(doc: dict[str, Any]) -> None:
             m.add_column(col, justify="right" if col in ("rows", "took", "stale") else "left")
         for r in doc["models"]:
             status = r["status"] or "-"
+            b = r.get("build")
+            if b:
+                eta = "" if b["eta_seconds"] is None else f", ~{b['eta_seconds']:.0f}s left"
+                status = f"building {b['docs']:,}/{b['total']:,} docs{eta}"
             if r["error"]:
                 status += f": {r['error']}"
             took = "-" if r["duration_ms"] is None else f"{r['duration_ms']:.0f} ms"

@@ -21,14 +21,15 @@ from chtsync.config import Config
 from chtsync.errors import ModelBuildError, PlanConflict
 from chtsync.pipeline import graph
 from chtsync.pipeline.graph import Model, Pipeline
+from chtsync.pipeline.refresh import analyze
 from chtsync.pipeline.session import autocommit, first_line, q, value
 
 log = logging.getLogger("chtsync.pipeline")
 
-RELKIND = {"view": "v", "materialized_view": "m", "table": "r", "incremental": "r"}
+RELKIND = {"view": "v", "materialized_view": "m", "table": "r", "incremental": "r", "aggregate": "r"}
 DROP = {"v": "VIEW", "m": "MATERIALIZED VIEW", "r": "TABLE", "p": "TABLE", "f": "FOREIGN TABLE"}
 CREATE = {"view": "VIEW", "materialized_view": "MATERIALIZED VIEW", "table": "TABLE",
-          "incremental": "TABLE"}
+          "incremental": "TABLE", "aggregate": "TABLE"}
 
 
 @dataclass(frozen=True)
@@ -194,11 +195,14 @@ def check_read_only(conn: psycopg.Connection, model: Model) -> None:
             " reads; call a STABLE or IMMUTABLE function instead")
 
 
-def create_model(conn: psycopg.Connection, model: Model) -> int | None:
-    """Create the model's object and indexes; return its row count (None for a view)."""
+def create_model(conn: psycopg.Connection, model: Model, empty: bool = False) -> int | None:
+    """Create the model's object and indexes; return its row count (None for a view). With
+    empty=True an incremental model is created without rows, for the refresh to build it in
+    batches (refresh._build)."""
     check_read_only(conn, model)
     name = sql.Identifier(model.name)
-    suffix = sql.SQL(" WITH DATA" if model.kind == "materialized_view" else "")
+    suffix = sql.SQL(" WITH DATA" if model.kind == "materialized_view"
+                     else " WITH NO DATA" if empty and model.kind == "incremental" else "")
     cur = conn.execute(q("create_object", kind=sql.SQL(CREATE[model.kind]), relation=name,
                          body=sql.SQL(model.sql), suffix=suffix))
     rows = None if model.kind == "view" else cur.rowcount
@@ -206,7 +210,8 @@ def create_model(conn: psycopg.Connection, model: Model) -> int | None:
         conn.execute(q(
             "create_model_index", unique=sql.SQL("UNIQUE " if ix.unique else ""),
             index=sql.Identifier(index_name(model.name, f"ix{i}")), relation=name, method=sql.SQL(ix.method),
-            columns=sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
+            columns=sql.SQL(f"({ix.expression})") if ix.expression  # normalized by pglast
+            else sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
     key = model.spec.unique_key[:1]
     if model.kind == "incremental" and not any(
             ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):
@@ -245,19 +250,24 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
         for name in drop_order:
             _run(conn, name, q("drop_object", kind=sql.SQL(DROP[existing[name]]), relation=sql.Identifier(name)))
         for step in plan.steps:
+            if step.action in ("drop", "create", "replace"):
+                conn.execute(q("pending_clear"), (step.name,))  # groups an aggregate had waiting
             if step.action == "drop":
                 conn.execute(q("record_dropped"), (step.name,))
             elif step.action in ("create", "replace"):
                 model = pipeline.models[step.name]
                 started = time.monotonic()
+                # A new incremental model is built by the refresh, in batches. One that replaces an
+                # existing object is built here, so readers keep the old one until this commits.
+                empty = step.action == "create" and model.kind == "incremental"
                 try:
-                    rows = create_model(conn, model)
+                    rows = create_model(conn, model, empty)
                 except psycopg.Error as exc:
                     raise ModelBuildError(f"model '{model.name}': {first_line(exc)}") from None
                 conn.execute(q("record_created"), {
                     "name": model.name, "kind": model.kind, "hash": model.hash, "rows": rows,
                     "ms": (time.monotonic() - started) * 1000,
-                    "snapshot": None if model.kind == "view" else snapshot})
+                    "snapshot": None if model.kind == "view" or empty else snapshot})
         for view in saved:
             try:
                 _restore(conn, view)
@@ -266,6 +276,13 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                     f"models apply: cannot recreate {view.schema}.{view.name}, a view built on a model"
                     f" being replaced or dropped: {first_line(exc)}. Change or drop that view first"
                 ) from None
+    # Built in one statement each: give the planner their statistics before the first refresh
+    # (incremental models are created empty, and analyzed once the refresh has built them).
+    with autocommit(conn):
+        for step in plan.steps:
+            built_here = step.action == "replace" or (step.action == "create" and step.kind != "incremental")
+            if built_here and step.kind != "view":
+                analyze(conn, step.name)
     for step in plan.steps:
         if step.action != "unchanged":
             log.info("model %s name=%s kind=%s reason=%s", step.action, step.name, step.kind, step.reason)

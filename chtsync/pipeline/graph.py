@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pglast
 from pglast import ast
+from pglast.enums import SetOperation
 from pglast.stream import RawStream
 
 from chtsync.config import Config
 from chtsync.errors import ModelsFileError
-from chtsync.pipeline.models import RAW, ModelSpec, load_file
+from chtsync.pipeline.models import RAW, Kind, ModelSpec, load_file
+
+DELTA = "chtsync_delta"  # the temp table an aggregate's SQL reads in place of its upstream
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Model:
     raw: bool  # reads the raw table
     external: bool  # reads a schema-qualified relation chtsync knows nothing about
     hash: str = ""
+    delta_sql: str = ""  # aggregate: its SQL over the upstream's changed rows (DELTA)
 
     @property
     def name(self) -> str:
@@ -157,7 +161,25 @@ def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str) -
             raise _unknown(where, "'depends_on' names", dep, disabled)
         elif dep not in deps:
             deps.append(dep)
-    return Model(spec, RawStream()(select), tuple(deps), raw, external)
+    text = RawStream()(select)
+    delta = _delta_sql(where, select, deps, raw or external) if spec.kind == Kind.AGGREGATE else ""
+    return Model(spec, text, tuple(deps), raw, external, delta_sql=delta)
+
+
+def _delta_sql(where: str, select: ast.SelectStmt, deps: list[str], other: bool) -> str:
+    """An aggregate's SQL with its one upstream model read from DELTA: the groups that rows of
+    the changed documents fall in."""
+    if len(deps) != 1 or other:
+        raise ModelsFileError(f"{where}: an aggregate model reads exactly one other model (an incremental one)"
+                          " and nothing else")
+    if select.havingClause is not None or select.limitCount is not None or select.op != SetOperation.SETOP_NONE:
+        raise ModelsFileError(f"{where}: an aggregate model is one SELECT ... GROUP BY without HAVING, LIMIT"
+                          " or UNION: its groups must follow from each row alone")
+    for rv, ctes in _walk(select, frozenset()):
+        if rv.relname == deps[0] and rv.relname not in ctes and not rv.schemaname:
+            rv.alias = rv.alias or ast.Alias(aliasname=rv.relname)
+            rv.relname = DELTA
+    return RawStream()(select)
 
 
 def _hash(model: Model, upstream: list[str]) -> str:
@@ -166,7 +188,10 @@ def _hash(model: Model, upstream: list[str]) -> str:
         "kind": spec.kind,
         "sql": model.sql,
         "unique_key": list(spec.unique_key),
-        "indexes": [[list(ix.columns), ix.method, ix.unique] for ix in spec.indexes],
+        # only when set, so that adding the key did not change every existing model's hash
+        **({"reference_keys": list(spec.reference_keys)} if spec.reference_keys else {}),
+        "indexes": [[list(ix.columns), ix.method, ix.unique, *([ix.expression] if ix.expression else [])]
+                    for ix in spec.indexes],
         "upstream": upstream,
     }
     return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
@@ -192,8 +217,11 @@ def build(specs: list[ModelSpec], table: str = RAW) -> Pipeline:
     for name in order:
         model = resolved[name]
         upstream = [models[d].hash for d in sorted(model.deps)]
+        if model.kind == Kind.AGGREGATE and models[model.deps[0]].kind != Kind.INCREMENTAL:
+            raise ModelsFileError(f"model '{name}': an aggregate model must read an incremental model,"
+                              f" and '{model.deps[0]}' is {models[model.deps[0]].kind}")
         models[name] = Model(model.spec, model.sql, model.deps, model.raw, model.external,
-                             _hash(model, upstream))
+                             _hash(model, upstream), model.delta_sql)
     return Pipeline(models)
 
 

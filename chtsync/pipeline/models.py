@@ -4,19 +4,36 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import pglast
+from pglast import ast
+from pglast.stream import RawStream
 
 from chtsync.config import IDENT, yaml_file
 from chtsync.errors import ModelsFileError
 
-KINDS = ("view", "materialized_view", "table", "incremental")
+
+class Kind(StrEnum):
+    """What a model is built as and how it is refreshed (docs/pipeline.md)."""
+
+    VIEW = "view"
+    MATERIALIZED_VIEW = "materialized_view"
+    TABLE = "table"
+    INCREMENTAL = "incremental"  # rows keyed by document id; changed documents re-derived
+    AGGREGATE = "aggregate"  # GROUP BY over one incremental model; touched groups recounted
+
+
+KINDS = tuple(k.value for k in Kind)
+KEYED = (Kind.INCREMENTAL, Kind.AGGREGATE)  # kinds that need a unique_key
 INDEX_METHODS = ("btree", "hash", "gin", "gist", "brin")
 MODEL_KEYS = {
-    "name", "sql", "kind", "unique_key", "indexes", "depends_on", "interval", "tags", "enabled",
+    "name", "sql", "kind", "unique_key", "reference_keys", "indexes", "depends_on", "interval", "tags", "enabled",
     "description",
 }
-INDEX_KEYS = {"columns", "method", "unique"}
+INDEX_KEYS = {"columns", "expression", "method", "unique"}
 RAW = "couchdb"  # how model SQL names the raw table, whatever POSTGRES_TABLE is
 # Names of chtsync's own tables: a model of that name would replace them.
 RESERVED = {RAW, "couchdb_progress", "chtsync_errors", "chtsync_sources", "chtsync_models"}
@@ -24,9 +41,10 @@ RESERVED = {RAW, "couchdb_progress", "chtsync_errors", "chtsync_sources", "chtsy
 
 @dataclass(frozen=True)
 class Index:
-    columns: tuple[str, ...]
+    columns: tuple[str, ...]  # empty when the index is on an expression
     method: str = "btree"
     unique: bool = False
+    expression: str | None = None  # normalized (deparsed) SQL expression over the model's columns
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,7 @@ class ModelSpec:
     sql_path: Path
     sql: str
     unique_key: tuple[str, ...] = ()
+    reference_keys: tuple[str, ...] = ()  # incremental: columns holding other documents' ids
     indexes: tuple[Index, ...] = ()
     depends_on: tuple[str, ...] | None = None  # None: infer from the SQL
     interval: float | None = None
@@ -70,8 +89,8 @@ def _index(where: str, i: int, raw: Any) -> Index:
     unknown = set(raw) - INDEX_KEYS
     if unknown:
         raise _fail(at, f"unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(INDEX_KEYS))})")
-    if "columns" not in raw:
-        raise _fail(at, "'columns' is required")
+    if ("columns" in raw) == ("expression" in raw):
+        raise _fail(at, "give either 'columns' or 'expression'")
     method = raw.get("method", "btree")
     if method not in INDEX_METHODS:
         raise _fail(at, f"'method' must be one of {', '.join(INDEX_METHODS)}, got {method!r}")
@@ -80,7 +99,25 @@ def _index(where: str, i: int, raw: Any) -> Index:
         raise _fail(at, f"'unique' must be true or false, got {unique!r}")
     if unique and method != "btree":
         raise _fail(at, "only a btree index can be unique")
+    if "expression" in raw:
+        return Index((), method, unique, _expression(at, raw["expression"]))
     return Index(_names(at, "columns", raw["columns"]), method, unique)
+
+
+def _expression(at: str, text: Any) -> str:
+    """One SQL expression (an index on it serves queries that filter on the same expression,
+    e.g. an aggregate model's group computed from a column), checked and normalized by pglast."""
+    if not isinstance(text, str) or not text.strip():
+        raise _fail(at, "'expression' must be an SQL expression, e.g. \"(reported AT TIME ZONE 'UTC')::date\"")
+    try:
+        stmts = pglast.parse_sql(f"SELECT {text}")
+    except pglast.parser.ParseError as exc:
+        raise _fail(at, f"'expression' is not valid SQL: {exc}") from None
+    select = stmts[0].stmt if len(stmts) == 1 else None
+    if (not isinstance(select, ast.SelectStmt) or select.fromClause or select.whereClause
+            or len(select.targetList or ()) != 1 or select.targetList[0].name):
+        raise _fail(at, "'expression' must be one SQL expression")
+    return RawStream()(select.targetList[0].val)
 
 
 def _model(base: Path, i: int, raw: Any) -> ModelSpec:
@@ -109,8 +146,14 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
     except UnicodeDecodeError:
         raise _fail(where, f"'sql': {sql_path} is not UTF-8 text: save it as UTF-8") from None
     unique_key = _names(where, "unique_key", raw["unique_key"]) if "unique_key" in raw else ()
-    if kind == "incremental" and not unique_key:
+    if kind == Kind.INCREMENTAL and not unique_key:
         raise _fail(where, "'unique_key' is required for an incremental model (first column = document _id)")
+    if kind == Kind.AGGREGATE and not unique_key:
+        raise _fail(where, "'unique_key' is required for an aggregate model (the GROUP BY columns)")
+    reference_keys = (_names(where, "reference_keys", raw["reference_keys"])
+                      if "reference_keys" in raw else ())
+    if reference_keys and kind != Kind.INCREMENTAL:
+        raise _fail(where, "'reference_keys' applies to incremental models only")
     indexes = raw.get("indexes", [])
     if not isinstance(indexes, list):
         raise _fail(where, "'indexes' must be a list")
@@ -132,6 +175,7 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
         sql_path=sql_path,
         sql=text,
         unique_key=unique_key,
+        reference_keys=reference_keys,
         indexes=tuple(_index(where, j, ix) for j, ix in enumerate(indexes)),
         depends_on=None if raw.get("depends_on") is None
         else _names(where, "depends_on", raw["depends_on"], allow_empty=True),

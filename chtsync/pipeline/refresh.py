@@ -19,10 +19,11 @@ import psycopg
 from psycopg import sql
 
 from chtsync import db
-from chtsync.config import Config, ConfigError
-from chtsync.errors import ModelsFileError, PostgresUnavailable
+from chtsync.config import Config
+from chtsync.errors import ConfigError, ModelsFileError, PostgresUnavailable
 from chtsync.pipeline import graph
 from chtsync.pipeline.graph import Model, Pipeline
+from chtsync.pipeline.models import Kind
 from chtsync.pipeline.session import autocommit, first_line, q, value
 
 log = logging.getLogger("chtsync.pipeline")
@@ -56,10 +57,9 @@ def _age(snapshot: str) -> tuple[int, int]:
     return int(snapshot.split(":")[1]), -len(_xip(snapshot))
 
 
-def _since(snapshot: str) -> dict[str, object]:
-    """Parameters of the change queries. They run unprepared (prepare=False): a prepared
-    statement soon gets a generic plan, blind to these values, which scans the raw table."""
-    return {"snapshot": snapshot, "xip": _xip(snapshot)}
+def _since(cfg: Config, snapshot: str) -> dict[str, object]:
+    """Parameters of the change probes (migrations/0010.change-probes.sql)."""
+    return {"schema": cfg.schema, "table": cfg.table, "snapshot": snapshot}
 
 
 @dataclass
@@ -100,32 +100,153 @@ def _inputs(pipeline: Pipeline) -> dict[str, _Inputs]:
     return out
 
 
-def _incremental(conn: psycopg.Connection, cfg: Config, model: Model,
-                 state: _State) -> tuple[int, int | None]:
+def _record_groups(conn: psycopg.Connection, aggregates: list[Model], upstream: Model, *,
+                   after: bool) -> None:
+    """Record, for each aggregate reading this incremental model, the groups its changed rows
+    fall in: called before the delete (old rows) and after the insert (new rows)."""
+    if not aggregates:
+        return
+    name, key = sql.Identifier(upstream.name), sql.Identifier(upstream.spec.unique_key[0])
+    conn.execute(q("delta_add" if after else "delta_table", model=name, key=key))
+    for agg in aggregates:
+        pairs = sql.SQL(", ").join(sql.SQL("{}, g.{}").format(sql.Literal(c), sql.Identifier(c))
+                                   for c in agg.spec.unique_key)
+        conn.execute(q("pending_groups_record", pairs=pairs, body=sql.SQL(agg.delta_sql)),
+                     {"model": agg.name})
+    if after:
+        conn.execute(q("delta_drop"))
+
+
+def _incremental(conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
+                 aggregates: list[Model]) -> tuple[int, int | None]:
     """Delete and re-derive the rows of documents written since the model's snapshot."""
     name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
-    if state.snapshot is None:  # never built: everything
-        conn.execute(q("truncate", model=name))
-        return conn.execute(q("full_insert", model=name, body=body)).rowcount, None
     conn.execute(q("changed_ids_table"))
-    changed = conn.execute(q("changed_ids_fill", table=db.table_ident(cfg)), _since(state.snapshot),
-                           prepare=False).rowcount
+    conn.execute(q("local_jit_off"))
+    changed = conn.execute(q("changed_ids_fill"), _since(cfg, state.snapshot), prepare=False).rowcount
     if changed == 0:
         return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
     conn.execute(q("changed_ids_analyze"))
+    for column in model.spec.reference_keys:
+        changed += conn.execute(q("changed_ids_referencing", model=name, key=key, column=sql.Identifier(column)),
+                                prepare=False).rowcount
+    if model.spec.reference_keys:
+        conn.execute(q("changed_ids_analyze"))
+    _record_groups(conn, aggregates, model, after=False)
     deleted = conn.execute(q("incremental_delete", model=name, key=key), prepare=False).rowcount
     inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body), prepare=False).rowcount
+    _record_groups(conn, aggregates, model, after=True)
     if state.rows is None:
         return value(conn, "count_rows", model=name), changed
     return state.rows - deleted + inserted, changed
 
 
-def _refresh_model(conn: psycopg.Connection, cfg: Config, model: Model,
-                   state: _State) -> tuple[int, int | None]:
+# Documents per transaction of a first build: bounded transactions (and WAL between
+# checkpoints), progress that survives a restart, readers and ingest never wait for it.
+BUILD_BATCH = 20_000
+# Up to this many raw documents a first build is one statement (a sequential scan, seconds even
+# at this size); above it, batches of BUILD_BATCH ids keep each transaction bounded. Batches probe
+# the raw table by id, about 10x the cost per document of one scan, so they only pay at scale.
+ONE_STATEMENT_BUILD = 1_000_000
+
+
+def _build(conn: psycopg.Connection, cfg: Config, model: Model, snapshot: str, aggregates: list[Model],
+           should_stop: Callable[[], bool]) -> tuple[int, str] | None:
+    """Fill an incremental model from scratch in batches of BUILD_BATCH document ids (in key
+    order), one transaction each, resuming a build an earlier run left unfinished. Return (rows,
+    the snapshot the build started from), or None when stopped first.
+
+    Exact like an incremental run: every batch reads the current data, and whatever was written
+    after the starting snapshot (in a batch already done or not) is re-derived by the next run."""
+    name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
+    table = db.table_ident(cfg)
+    conn.execute(q("changed_ids_table"))
+    build_snapshot, after, docs, rows, total = conn.execute(q("build_state"), (model.name,)).fetchone()
+    if build_snapshot is None:
+        with conn.transaction():
+            conn.execute(q("truncate", model=name))
+            for agg in aggregates:
+                conn.execute(q("pending_all"), (agg.name,))
+            total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=table)
+            if total <= ONE_STATEMENT_BUILD:
+                conn.execute(q("local_jit_off"))
+                rows = conn.execute(q("full_insert", model=name, body=body), prepare=False).rowcount
+                log.info("model built name=%s docs=%d rows=%d (one statement)", model.name, total, rows)
+                return rows, snapshot
+            conn.execute(q("build_start"), {"name": model.name, "snapshot": snapshot, "total": total})
+        build_snapshot = snapshot
+    else:
+        log.info("model build resumed name=%s docs=%d rows=%d", model.name, docs, rows)
+    started, docs_before = time.monotonic(), docs
+    while True:
+        if should_stop():
+            return None
+        with conn.transaction():
+            conn.execute(q("local_jit_off"))
+            batch = conn.execute(q("build_ids", table=table), {"after": after, "batch": BUILD_BATCH},
+                                 prepare=False).rowcount
+            if batch:
+                after = value(conn, "build_last_id")
+                conn.execute(q("changed_ids_analyze"))
+                rows += conn.execute(q("incremental_insert", model=name, key=key, body=body),
+                                     prepare=False).rowcount
+                docs += batch
+                conn.execute(q("build_progress"), {"name": model.name, "after": after, "docs": docs,
+                                                   "rows": rows})
+        if not batch:
+            return rows, build_snapshot
+        rate = (docs - docs_before) / max(time.monotonic() - started, 1e-3)
+        eta = max((total or docs) - docs, 0) / rate if rate else 0.0
+        log.info("model building name=%s docs=%d/%d rows=%d rate=%.0f docs/s eta=%.0f s",
+                 model.name, docs, total or docs, rows, rate, eta)
+
+
+# More distinct values than this in one group column: recount everything instead.
+MAX_GROUP_VALUES = 10_000
+
+
+def _aggregate(conn: psycopg.Connection, model: Model, state: _State) -> tuple[int, int | None]:
+    """Recount the groups the upstream's refreshes recorded as touched (all of them after a
+    full build of the upstream)."""
+    name = sql.Identifier(model.name)
+    everything = state.snapshot is None
+    values: dict[str, set[str | None]] = {c: set() for c in model.spec.unique_key}
+    groups = 0
+    for whole, column, text in conn.execute(q("pending_take"), (model.name,)):
+        everything = everything or whole
+        if column in values:
+            values[column].add(text)
+            groups += 1
+    groups //= max(len(values), 1)
+    if everything or any(len(v) > MAX_GROUP_VALUES for v in values.values()):
+        conn.execute(q("delete_all", model=name))  # not TRUNCATE: readers keep reading meanwhile
+        return conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None
+    if groups == 0:
+        return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
+    conn.execute(q("local_jit_off"))
+    types = dict(conn.execute(q("column_types"), (model.name,)).fetchall())
+    condition = sql.SQL(" AND ").join(
+        q("group_filter", column=sql.Identifier(c), type=sql.SQL(types[c])) for c in values)
+    params: list[object] = []
+    for vals in values.values():
+        params += [sorted(v for v in vals if v is not None), None in vals]
+    deleted = conn.execute(q("aggregate_delete", model=name, condition=condition), params,
+                           prepare=False).rowcount
+    inserted = conn.execute(q("aggregate_insert", model=name, body=sql.SQL(model.sql), condition=condition),
+                            params, prepare=False).rowcount
+    if state.rows is None:
+        return value(conn, "count_rows", model=name), groups
+    return state.rows - deleted + inserted, groups
+
+
+def _refresh_model(conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
+                   aggregates: list[Model]) -> tuple[int, int | None]:
     """Bring one model up to date inside the caller's transaction; return (rows, changed)."""
     name = sql.Identifier(model.name)
-    if model.kind == "incremental":
-        return _incremental(conn, cfg, model, state)
+    if model.kind == Kind.INCREMENTAL:
+        return _incremental(conn, cfg, model, state, aggregates)
+    if model.kind == Kind.AGGREGATE:
+        return _aggregate(conn, model, state)
     if model.kind == "materialized_view" and any(ix.unique for ix in model.spec.indexes):
         conn.execute(q("refresh_matview_concurrently", model=name))  # readers never wait
     else:
@@ -152,11 +273,16 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
     raw_changed: dict[str, bool] = {}
     failed: dict[str, str] = {}  # model -> why its dependents are blocked
     results: list[RefreshResult] = []
-    table = db.table_ident(cfg)
+    aggregates: dict[str, list[Model]] = {}
+    for m in pipeline.models.values():
+        if m.kind == Kind.AGGREGATE:
+            aggregates.setdefault(m.deps[0], []).append(m)
+    # The models' SQL is planned with the raw table's statistics: bring them up to date first.
+    analyze_due(cfg, conn, [cfg.table])
 
     def raw_changed_since(snap: str) -> bool:
         if snap not in raw_changed:
-            raw_changed[snap] = bool(value(conn, "raw_changed_since", _since(snap), prepare=False, table=table))
+            raw_changed[snap] = bool(value(conn, "raw_changed_since", _since(cfg, snap), prepare=False))
         return raw_changed[snap]
 
     for model in pipeline.models.values():
@@ -202,11 +328,24 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
                            key=_age)
         started = time.monotonic()
         try:
-            with conn.transaction():
-                rows, changed_docs = _refresh_model(conn, cfg, model, state)
-                ms = (time.monotonic() - started) * 1000
-                state.seq = value(conn, "record_refresh_ok", {
-                    "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
+            if model.kind == Kind.INCREMENTAL and state.snapshot is None:  # first build, in batches
+                built = _build(conn, cfg, model, new_snapshot, aggregates.get(model.name, []), should_stop)
+                if built is None:
+                    failed[model.name] = "is still being built"
+                    results.append(RefreshResult(model.name, model.kind, "building"))
+                    continue
+                (rows, new_snapshot), changed_docs = built, None
+                with conn.transaction():
+                    ms = (time.monotonic() - started) * 1000
+                    state.seq = value(conn, "record_refresh_ok", {
+                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
+                    conn.execute(q("build_done"), (model.name,))
+            else:
+                with conn.transaction():
+                    rows, changed_docs = _refresh_model(conn, cfg, model, state, aggregates.get(model.name, []))
+                    ms = (time.monotonic() - started) * 1000
+                    state.seq = value(conn, "record_refresh_ok", {
+                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 raise
@@ -218,10 +357,32 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
             results.append(RefreshResult(model.name, model.kind, "error", duration_ms=ms, error=error))
             continue
         state.snapshot, state.rows = new_snapshot, rows
+        if changed_docs is None and model.kind != Kind.MATERIALIZED_VIEW:
+            # Built from scratch: downstream models are planned with its statistics. (A
+            # concurrent matview refresh changes only what differs: left to analyze_due.)
+            analyze(conn, model.name)
         log.info("model refreshed name=%s kind=%s rows=%s changed=%s ms=%.0f",
                  model.name, model.kind, rows, changed_docs, ms)
         results.append(RefreshResult(model.name, model.kind, "ok", rows, changed_docs, ms))
+    analyze_due(cfg, conn, [m.name for m in pipeline.models.values() if m.kind != Kind.VIEW])
     return results
+
+
+def analyze(conn: psycopg.Connection, relation: str) -> None:
+    """ANALYZE one relation of the schema (outside any transaction: its lock, SHARE UPDATE
+    EXCLUSIVE, lets ingest and readers go on)."""
+    started = time.monotonic()
+    conn.execute(q("analyze", relation=sql.Identifier(relation)))
+    log.info("analyzed name=%s ms=%.0f", relation, (time.monotonic() - started) * 1000)
+
+
+def analyze_due(cfg: Config, conn: psycopg.Connection, relations: list[str]) -> list[str]:
+    """ANALYZE those of `relations` that enough rows were written to since their last ANALYZE
+    (autovacuum's rule, whether autovacuum runs or not); return their names."""
+    due = [r for (r,) in conn.execute(q("analyze_due"), (relations,))]
+    for relation in due:
+        analyze(conn, relation)
+    return due
 
 
 def refresh_once(cfg: Config, conn: psycopg.Connection, force: bool = False, *, wait: bool = True,
@@ -267,8 +428,15 @@ def rebuild(cfg: Config, conn: psycopg.Connection, name: str) -> RefreshResult:
         else:
             conn.execute(q("truncate", model=target))
             rows = conn.execute(q("full_insert", model=target, body=sql.SQL(model.sql))).rowcount
+        conn.execute(q("pending_clear"), (name,))  # an aggregate: every group is counted now
+        conn.execute(q("build_done"), (name,))  # a batched first build, if one was under way
+        for m in pipeline.models.values():
+            if m.kind == Kind.AGGREGATE and m.deps[0] == name:
+                conn.execute(q("pending_all"), (m.name,))
         ms = (time.monotonic() - started) * 1000
         conn.execute(q("record_refresh_ok"), {"name": name, "ms": ms, "rows": rows, "snapshot": snapshot})
+    with autocommit(conn):
+        analyze(conn, name)
     log.info("model rebuilt name=%s kind=%s rows=%s ms=%.0f", name, model.kind, rows, ms)
     return RefreshResult(name, model.kind, "ok", rows, None, ms)
 

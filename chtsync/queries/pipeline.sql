@@ -86,7 +86,9 @@ ON CONFLICT (name) DO UPDATE SET
     last_error = NULL,
     watermark = excluded.watermark,
     snapshot = excluded.snapshot,
-    refresh_seq = excluded.refresh_seq
+    refresh_seq = excluded.refresh_seq,
+    build_snapshot = NULL, build_after = NULL, build_docs = NULL, build_rows = NULL,
+    build_total = NULL, build_started_at = NULL
 
 -- name: record_dropped
 DELETE FROM chtsync_models WHERE name = %s
@@ -98,12 +100,10 @@ SELECT name, definition_hash, snapshot::text, refresh_seq, last_rows,
 FROM chtsync_models
 
 -- name: raw_changed_since
--- Has a transaction the last refresh did not see written a row? Those are the transactions
--- that started after its snapshot (xid >= xmax) or were in progress then (its xip list): two
--- index probes on _xid, however old the oldest transaction running in the cluster is. The xip
--- list is passed as a value: as a subquery the planner cannot see it and may scan the table.
-SELECT EXISTS (SELECT 1 FROM {table} WHERE _xid >= pg_snapshot_xmax(%(snapshot)s::pg_snapshot))
-    OR EXISTS (SELECT 1 FROM {table} WHERE _xid = ANY (%(xip)s::text[]::xid8[]))
+-- Has a transaction the last refresh did not see written a row? Two probes on the _xid index,
+-- however old the oldest transaction in the cluster is, and whatever the statistics say
+-- (migrations/0010.change-probes.sql).
+SELECT chtsync_raw_changed_v1((quote_ident(%(schema)s) || '.' || quote_ident(%(table)s))::regclass, %(snapshot)s::pg_snapshot)
 
 -- name: changed_ids_table
 -- Per session; emptied at every commit, so a run never sees the previous model's ids.
@@ -112,13 +112,26 @@ CREATE TEMP TABLE IF NOT EXISTS chtsync_changed_ids (id text NOT NULL) ON COMMIT
 -- name: changed_ids_fill
 -- Documents written by transactions the model's snapshot did not see (as raw_changed_since).
 INSERT INTO chtsync_changed_ids (id)
-SELECT _id FROM {table} WHERE _xid >= pg_snapshot_xmax(%(snapshot)s::pg_snapshot)
-UNION
-SELECT _id FROM {table} WHERE _xid = ANY (%(xip)s::text[]::xid8[])
+SELECT chtsync_changed_ids_v1((quote_ident(%(schema)s) || '.' || quote_ident(%(table)s))::regclass, %(snapshot)s::pg_snapshot)
+
+-- name: changed_ids_referencing
+-- reference_keys: rows derived from a changed document through one of these columns (a
+-- contact's ancestors, say) are re-derived too. One index probe per column and changed id.
+INSERT INTO chtsync_changed_ids (id)
+SELECT DISTINCT r.key FROM (
+    SELECT m.{key}::text AS key
+    FROM {model} AS m JOIN chtsync_changed_ids AS c ON m.{column}::text = c.id
+) AS r
+WHERE NOT EXISTS (SELECT 1 FROM chtsync_changed_ids AS c WHERE c.id = r.key)
 
 -- name: changed_ids_analyze
 -- Without statistics the planner assumes a large table and scans the raw table.
 ANALYZE chtsync_changed_ids
+
+-- name: local_jit_off
+-- A run touches few rows: compiling its plans (JIT, chosen on estimated cost, which a stale
+-- estimate inflates) would cost far more than running them (~0.5 s per statement measured).
+SELECT set_config('jit', 'off', true)
 
 -- name: incremental_delete
 DELETE FROM {model} WHERE {key} IN (SELECT id FROM chtsync_changed_ids)
@@ -131,6 +144,9 @@ INSERT INTO {model} SELECT * FROM ({body}) AS m
 
 -- name: truncate
 TRUNCATE {model}
+
+-- name: delete_all
+DELETE FROM {model}
 
 -- name: refresh_matview
 REFRESH MATERIALIZED VIEW {model}
@@ -183,3 +199,107 @@ GRANT {privilege} ON {relation} TO {grantee}{grant_option}
 
 -- name: drop_object
 DROP {kind} {relation}
+
+-- name: analyze_due
+-- Relations (the raw table, the models) with more rows written since their last ANALYZE, by
+-- anyone, than autovacuum's own threshold allows (threshold + scale factor x rows). chtsync
+-- analyzes them itself, so plans stay right when autovacuum is off or late.
+SELECT s.relname
+FROM pg_stat_user_tables AS s
+JOIN pg_class AS c ON c.oid = s.relid
+WHERE s.schemaname = current_schema()
+  AND s.relname = ANY (%s::text[])
+  AND s.n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8
+      + current_setting('autovacuum_analyze_scale_factor')::float8 * greatest(c.reltuples, 0)
+
+-- name: analyze
+ANALYZE {relation}
+
+-- name: pending_groups_record
+-- The groups of aggregate model %(model)s that the given rows of its upstream belong to: its
+-- SQL run over those rows alone (the upstream renamed to chtsync_delta).
+INSERT INTO chtsync_model_pending (model, key)
+SELECT DISTINCT %(model)s, jsonb_build_object({pairs}) FROM ({body}) AS g
+ON CONFLICT DO NOTHING
+
+-- name: pending_all
+-- The upstream was rebuilt from scratch: every group of the aggregate is to be recounted.
+INSERT INTO chtsync_model_pending (model, key) VALUES (%s, 'null') ON CONFLICT DO NOTHING
+
+-- name: pending_take
+-- Take the aggregate's pending groups: (true, NULL, NULL) for "every group", else one row per
+-- (column, value as text) of each group.
+WITH taken AS (DELETE FROM chtsync_model_pending WHERE model = %s RETURNING key)
+SELECT t.key = 'null'::jsonb, e.key, e.value
+FROM taken AS t
+LEFT JOIN LATERAL jsonb_each_text(CASE WHEN jsonb_typeof(t.key) = 'object' THEN t.key END) AS e ON true
+
+-- name: pending_clear
+DELETE FROM chtsync_model_pending WHERE model = %s
+
+-- name: delta_table
+-- The upstream's rows of the changed documents, before the delete and after the insert.
+CREATE TEMP TABLE chtsync_delta ON COMMIT DROP AS
+SELECT * FROM {model} WHERE {key}::text IN (SELECT id FROM chtsync_changed_ids)
+
+-- name: delta_add
+INSERT INTO chtsync_delta SELECT * FROM {model} WHERE {key}::text IN (SELECT id FROM chtsync_changed_ids)
+
+-- name: delta_drop
+DROP TABLE chtsync_delta
+
+-- name: column_types
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute AS a
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+
+-- name: group_filter
+-- One group column's recount condition: its value is one of the touched ones (or NULL, when a
+-- touched group had NULL there).
+(m.{column} = ANY (%s::text[]::{type}[]) OR (%s AND m.{column} IS NULL))
+
+-- name: aggregate_delete
+DELETE FROM {model} AS m WHERE {condition}
+
+-- name: aggregate_insert
+-- The condition names only group columns, so Postgres pushes it below the GROUP BY.
+INSERT INTO {model} SELECT * FROM ({body}) AS m WHERE {condition}
+
+-- name: build_state
+SELECT build_snapshot::text, build_after, coalesce(build_docs, 0), coalesce(build_rows, 0), build_total
+FROM chtsync_models WHERE name = %s
+
+-- name: raw_documents
+-- How many documents a first build goes through: the planner's estimate once the raw table
+-- has been analyzed (chtsync does it before building), else a count.
+SELECT CASE WHEN c.reltuples > 0 THEN c.reltuples::bigint
+            ELSE (SELECT count(*) FROM {table}) END
+FROM pg_class AS c WHERE c.oid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass
+
+-- name: build_start
+UPDATE chtsync_models SET
+    build_snapshot = %(snapshot)s::pg_snapshot, build_after = NULL, build_docs = 0, build_rows = 0,
+    build_total = %(total)s, build_started_at = now()
+WHERE name = %(name)s
+
+-- name: build_ids
+-- The next batch of document ids (in key order, from the primary key alone) as changed ids.
+INSERT INTO chtsync_changed_ids (id)
+SELECT DISTINCT _id FROM (
+    SELECT _id FROM {table} WHERE %(after)s::text IS NULL OR _id > %(after)s::text
+    ORDER BY _id LIMIT %(batch)s
+) AS b
+
+-- name: build_last_id
+SELECT max(id) FROM chtsync_changed_ids
+
+-- name: build_progress
+UPDATE chtsync_models SET
+    build_after = %(after)s, build_docs = %(docs)s, build_rows = %(rows)s, last_refresh_at = now()
+WHERE name = %(name)s
+
+-- name: build_done
+UPDATE chtsync_models SET
+    build_snapshot = NULL, build_after = NULL, build_docs = NULL, build_rows = NULL,
+    build_total = NULL, build_started_at = NULL
+WHERE name = %s

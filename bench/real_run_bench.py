@@ -1,0 +1,249 @@
+"""The real run: N generated CHT documents in the real CouchDB 3.4, `chtsync run` from an empty
+Postgres, no hand-run VACUUM or ANALYZE (autovacuum as the server has it).
+
+Records: the server's own `_changes?include_docs=true` rate (pages of 1000, same run), initial
+sync time and rate, peak RSS of `chtsync run`, time until every model has data, idle CPU, CouchDB
+write to `data_record` latency (p50/p95); then, with `run` stopped, through the product's own
+functions: one refresh cycle of all models after 100 changed documents, the idle check, and a
+first build of every model from scratch at this size (each model's snapshot cleared, so
+`refresh_once` rebuilds it the way it builds a new model: in batches).
+
+Usage: python bench/real_run_bench.py --docs 200000 [--latency-seconds 30] [--idle 30] [--no-write]
+(10M: `--docs 10000000`; CouchDB needs ~2 KB of disk per document, set TMPDIR to a big disk.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import machine, write_section  # noqa: E402
+from bench.run_bench import cpu_seconds, pct, rss_mb  # noqa: E402
+from chtsync import config, db, pipeline  # noqa: E402
+from tests.servers import ADMIN, CouchDBServer  # noqa: E402
+
+ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+DB = "chtsync_bench_real"
+DBS = "medic,medic-users-meta"
+CHANGED = 100
+
+
+def fresh_db() -> str:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {DB}")
+    return f"host=127.0.0.1 port=5432 user=postgres dbname={DB}"
+
+
+def env(couch_url: str) -> dict[str, str]:
+    return dict(os.environ, COUCHDB_URL=couch_url, COUCHDB_USER=ADMIN[0], COUCHDB_PASSWORD=ADMIN[1],
+                COUCHDB_DBS=DBS, POSTGRES_HOST="127.0.0.1", POSTGRES_USER="postgres", POSTGRES_DB=DB,
+                CHTSYNC_CONFIG=os.devnull, LOG_LEVEL="INFO")
+
+
+def changes_rate(url: str, database: str) -> tuple[int, float]:
+    """The server's own single-stream rate: _changes with bodies, pages of 1000, to the end."""
+    docs, since, started = 0, "0", time.monotonic()
+    with httpx.Client(auth=ADMIN, timeout=120) as client:
+        while True:
+            page = client.get(f"{url}/{database}/_changes",
+                              params={"include_docs": "true", "limit": 1000, "since": since}).json()
+            docs += len(page["results"])
+            since = page["last_seq"]
+            if len(page["results"]) < 1000:
+                return docs, docs / (time.monotonic() - started)
+
+
+class Sampler(threading.Thread):
+    """Peak RSS of a process, sampled every 100 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.done = pid, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except OSError:
+                return
+            time.sleep(0.1)
+
+
+def poll(conn: psycopg.Connection, query: str, timeout: float) -> float:
+    """Seconds until the query returns true (checked every 100 ms)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if conn.execute(query).fetchone()[0]:
+                return time.monotonic() - started
+        except psycopg.Error:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(query)
+
+
+CAUGHT_UP = ("SELECT count(*) = 2 AND bool_and(pending = 0) FROM v1.couchdb_progress")
+# Every model caught up: built, nothing written since its snapshot, no aggregate group waiting.
+ALL_MODELS = ("SELECT count(*) > 0 AND bool_and(last_status = 'ok' AND last_rows > 0 AND build_docs IS NULL"
+              " AND (kind <> 'incremental' OR NOT v1.chtsync_raw_changed_v1('v1.couchdb', snapshot)))"
+              " AND NOT EXISTS (SELECT 1 FROM v1.chtsync_model_pending)"
+              " FROM v1.chtsync_models WHERE kind <> 'view'")
+
+
+def latency(admin: httpx.Client, couch_url: str, conn: psycopg.Connection, seconds: float) -> list[float]:
+    """One report every 0.25 s; seconds from CouchDB's answer to the row in data_record."""
+    written: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end or (len(seen) < len(written) and time.monotonic() < end + 30):
+        if time.monotonic() < end and (not written or time.monotonic() - max(written.values()) >= 0.25):
+            doc_id = f"latency{i:05d}"
+            admin.put(f"{couch_url}/medic/{doc_id}", json={
+                "type": "data_record", "form": "pnc_visit", "reported_date": int(time.time() * 1000)})
+            written[doc_id] = time.monotonic()
+            i += 1
+        for (doc_id,) in conn.execute("SELECT uuid FROM v1.data_record WHERE uuid LIKE 'latency%%'"):
+            seen.setdefault(doc_id, time.monotonic())
+        time.sleep(0.01)
+    return [seen[k] - t for k, t in written.items() if k in seen]
+
+
+def bench(docs: int, latency_seconds: float, idle_seconds: float) -> dict[str, object]:
+    out: dict[str, object] = {"docs": docs}
+    server = CouchDBServer().start()
+    proc = None
+    try:
+        load = subprocess.run([sys.executable, "-m", "chtsync", "sample", "--docs", str(docs), "--no-bad",
+                               "--couchdb-url", server.url], env=env(server.url), cwd=ROOT,
+                              capture_output=True, text=True, check=True)
+        print(load.stdout.strip() or load.stderr.strip().splitlines()[-1], flush=True)
+        out["changes_docs"], out["changes_rate"] = changes_rate(server.url, "medic")
+        dsn = fresh_db()
+        log_path = Path(tempfile.gettempdir()) / "chtsync-real-run.log"
+        with open(log_path, "w") as log:
+            started = time.monotonic()
+            proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env(server.url), cwd=ROOT,
+                                    stdout=log, stderr=log)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            poll(conn, CAUGHT_UP, 24 * 3600)
+            out["sync_s"] = time.monotonic() - started
+            raw = conn.execute("SELECT count(*) FROM v1.couchdb").fetchone()[0]
+            out["raw_rows"], out["sync_rate"] = raw, raw / out["sync_s"]
+            poll(conn, ALL_MODELS, 24 * 3600)
+            out["models_s"] = time.monotonic() - started
+            print({k: v for k, v in out.items()}, flush=True)
+            time.sleep(5)  # let the last refresh finish
+            before = cpu_seconds(proc.pid)
+            time.sleep(idle_seconds)
+            out["idle_cpu_pct"] = 100 * (cpu_seconds(proc.pid) - before) / idle_seconds
+            with httpx.Client(auth=ADMIN, timeout=60) as admin:
+                lat = latency(admin, server.url, conn, latency_seconds)
+            out["latency_p50"], out["latency_p95"], out["latency_n"] = pct(lat, 0.5), pct(lat, 0.95), len(lat)
+        sampler.done.set()
+        out["peak_rss_mb"] = sampler.peak
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        proc = None
+        out.update(cycle_and_builds(server.url))
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(30)
+        server.close()
+    return out
+
+
+def cycle_and_builds(couch_url: str) -> dict[str, object]:
+    """With `run` stopped: 100 changed reports synced, then one refresh cycle; the idle check; a
+    first build of every model (snapshots cleared), all through chtsync's own functions."""
+    cfg = config.load(env={k: v for k, v in env(couch_url).items() if k.startswith(("COUCHDB", "POSTGRES"))},
+                      search=False)
+    out: dict[str, object] = {}
+    with httpx.Client(auth=ADMIN, timeout=60) as client:
+        rows = client.post(f"{couch_url}/medic/_find", json={
+            "selector": {"type": "data_record", "form": {"$exists": True}}, "limit": CHANGED}).json()["docs"]
+        for doc in rows:
+            doc["fields"] = {**doc.get("fields", {}), "bench_edit": True}
+        client.post(f"{couch_url}/medic/_bulk_docs", json={"docs": rows}).raise_for_status()
+    subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], env=env(couch_url), cwd=ROOT,
+                   check=True, capture_output=True)
+    with db.connect(cfg, autocommit=True) as conn:
+        started = time.monotonic()
+        results = pipeline.refresh_once(cfg, conn)
+        out["cycle_ms"] = (time.monotonic() - started) * 1000
+        out["cycle_models"] = {r.name: (r.status, round(r.duration_ms, 1), r.changed) for r in results}
+        idle = []
+        for _ in range(15):
+            started = time.monotonic()
+            pipeline.refresh_once(cfg, conn)
+            idle.append((time.monotonic() - started) * 1000)
+        out["idle_ms"] = statistics.median(idle)
+        conn.execute("UPDATE chtsync_models SET snapshot = NULL WHERE kind <> 'view'")
+        started = time.monotonic()
+        results = pipeline.refresh_once(cfg, conn)
+        out["builds_s"] = time.monotonic() - started
+        out["builds"] = {r.name: (r.status, r.rows, round(r.duration_ms / 1000, 1)) for r in results}
+    return out
+
+
+def report(r: dict[str, object], command: str) -> str:
+    lines = [
+        f"`{command}` on {machine(ADMIN_DSN)}, real Apache CouchDB 3.4.3 from ../shared/couchdb,"
+        f" documents from `chtsync sample`. The machine is shared with other work (2 cores): expect"
+        " about 20 % spread between runs.", "",
+        "| measure | value |", "|---|---:|",
+        f"| CouchDB's own `_changes?include_docs=true`, pages of 1000 (medic) | {r['changes_rate']:,.0f} docs/s |",
+        f"| initial sync by `chtsync run` (rows in the raw table) | {r['raw_rows']:,} in {r['sync_s']:.0f} s"
+        f" = {r['sync_rate']:,.0f} docs/s |",
+        f"| time until every model has data (from start) | {r['models_s']:.0f} s |",
+        f"| peak RSS of `chtsync run` | {r['peak_rss_mb']:.0f} MB |",
+        f"| idle CPU of `chtsync run` | {r['idle_cpu_pct']:.2f} % of a core |",
+        f"| CouchDB write to `data_record`, p50 / p95 ({r['latency_n']} reports) |"
+        f" {r['latency_p50']:.3f} s / {r['latency_p95']:.3f} s |",
+        f"| one refresh cycle of all models after {CHANGED} changed reports | {r['cycle_ms']:.0f} ms |",
+        f"| idle check (`refresh_once`, nothing changed, median of 15) | {r['idle_ms']:.1f} ms |",
+        f"| first build of every model from scratch (batched) | {r['builds_s']:.0f} s |",
+        "", "Per model, refresh after the 100 changes (status, ms, documents or groups) and first build"
+        " (status, rows, s):", "", "| model | after 100 changes | first build |", "|---|---|---|",
+    ]
+    for name, cyc in r["cycle_models"].items():
+        lines.append(f"| {name} | {cyc} | {r['builds'].get(name)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=200_000)
+    parser.add_argument("--latency-seconds", type=float, default=30)
+    parser.add_argument("--idle", type=float, default=30)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    result = bench(args.docs, args.latency_seconds, args.idle)
+    print(result, flush=True)
+    text = report(result, f"python bench/real_run_bench.py --docs {args.docs}")
+    print(text)
+    if not args.no_write:
+        write_section(f"The real run ({args.docs:,} documents)", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
