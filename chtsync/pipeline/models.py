@@ -10,17 +10,20 @@ from typing import Any
 import yaml
 
 from chtsync.config import IDENT, ConfigError
+from chtsync.pipeline import forms
+from chtsync.pipeline.datatests import DataTest, parse_tests
 
 KINDS = ("view", "materialized_view", "table", "incremental")
 INDEX_METHODS = ("btree", "hash", "gin", "gist", "brin")
 MODEL_KEYS = {
     "name", "sql", "kind", "unique_key", "indexes", "depends_on", "interval", "tags", "enabled",
-    "description",
+    "description", "form", "forms", "contact_type", "fields", "tests",
 }
 INDEX_KEYS = {"columns", "method", "unique"}
 RAW = "couchdb"  # how model SQL names the raw table, whatever POSTGRES_TABLE is
 # Names of chtsync's own tables: a model of that name would replace them.
-RESERVED = {RAW, "couchdb_progress", "chtsync_errors", "chtsync_sources", "chtsync_models"}
+RESERVED = {RAW, "couchdb_progress", "chtsync_errors", "chtsync_sources", "chtsync_models",
+            "chtsync_model_tests"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class ModelSpec:
 
     name: str
     kind: str
-    sql_path: Path
+    sql_path: Path | None  # None: generated from form / contact_type (forms.py)
     sql: str
     unique_key: tuple[str, ...] = ()
     indexes: tuple[Index, ...] = ()
@@ -45,6 +48,7 @@ class ModelSpec:
     tags: tuple[str, ...] = ()
     enabled: bool = True
     description: str = ""
+    tests: tuple[DataTest, ...] = ()
 
 
 def _fail(where: str, message: str) -> ConfigError:
@@ -96,18 +100,26 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
         raise _fail(where, f"unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(MODEL_KEYS))})")
     if name in RESERVED or name.startswith(("chtsync_", "_yoyo")):
         raise _fail(where, "'name' is reserved for chtsync's own tables; choose another name")
-    kind = raw.get("kind")
+    shorthand = forms.parse(where, raw)
+    # A form / contact-type model is keyed by its report's or contact's document: incremental.
+    kind = raw.get("kind", "incremental" if shorthand else None)
     if kind not in KINDS:
         raise _fail(where, f"'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
-    sql_name = raw.get("sql")
-    if not isinstance(sql_name, str) or not sql_name:
-        raise _fail(where, "'sql' must name the model's .sql file (relative to models.yaml)")
-    sql_path = (base / sql_name).resolve()
-    try:
-        text = sql_path.read_text()
-    except OSError as exc:
-        raise _fail(where, f"'sql': cannot read {sql_path}: {exc.strerror}") from None
-    unique_key = _names(where, "unique_key", raw["unique_key"]) if "unique_key" in raw else ()
+    sql_path: Path | None = None
+    if shorthand:
+        text = forms.render(shorthand)
+    else:
+        sql_name = raw.get("sql")
+        if not isinstance(sql_name, str) or not sql_name:
+            raise _fail(where, "'sql' must name the model's .sql file (relative to models.yaml),"
+                        " or give 'form' / 'contact_type' and 'fields'")
+        sql_path = (base / sql_name).resolve()
+        try:
+            text = sql_path.read_text()
+        except OSError as exc:
+            raise _fail(where, f"'sql': cannot read {sql_path}: {exc.strerror}") from None
+    unique_key = (_names(where, "unique_key", raw["unique_key"]) if "unique_key" in raw
+                  else ("uuid",) if shorthand else ())
     if kind == "incremental" and not unique_key:
         raise _fail(where, "'unique_key' is required for an incremental model (first column = document _id)")
     indexes = raw.get("indexes", [])
@@ -138,6 +150,7 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
         tags=_names(where, "tags", raw["tags"], allow_empty=True) if "tags" in raw else (),
         enabled=enabled,
         description=description,
+        tests=parse_tests(where, raw.get("tests", [])),
     )
 
 
