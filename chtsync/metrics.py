@@ -75,7 +75,12 @@ class RuntimeCollector(Collector):
         rows = GaugeMetricFamily("chtsync_model_rows", "Rows after the last refresh", labels=["model"])
         success = GaugeMetricFamily("chtsync_model_last_success_timestamp",
                                     "Unix time of the last successful refresh", labels=["model"])
+        tests = GaugeMetricFamily("chtsync_model_test_failures",
+                                  "Failures of the data test's last run (-1: the test could not run)",
+                                  labels=["model", "test"])
         for m in rt.models:
+            for t in m.get("tests", ()):
+                tests.add_metric([m["name"], t["name"]], -1 if t["failures"] is None else t["failures"])
             if m["duration_ms"] is not None:
                 refresh.add_metric([m["name"]], m["duration_ms"] / 1000)
             if m["staleness_seconds"] is not None:
@@ -84,7 +89,7 @@ class RuntimeCollector(Collector):
                 rows.add_metric([m["name"]], m["rows"])
             if m["last_success_at"]:
                 success.add_metric([m["name"]], dt.datetime.fromisoformat(m["last_success_at"]).timestamp())
-        yield from (refresh, stale, rows, success)
+        yield from (refresh, stale, rows, success, tests)
 
 
 def ready(runtime: Runtime) -> tuple[bool, dict[str, Any]]:

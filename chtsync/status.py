@@ -13,6 +13,7 @@ from psycopg.rows import dict_row
 
 from chtsync import db, queries
 from chtsync.config import Config
+from chtsync.pipeline import datatests
 
 
 def lease_keys(cfg: Config) -> dict[str, int]:
@@ -66,6 +67,12 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
         })
     models = []
     if _has_models_table(conn):
+        tests: dict[str, list[dict[str, Any]]] = {}
+        for t in datatests.recorded(conn):  # the data tests' last results (models.yaml `tests`)
+            tests.setdefault(t["model"], []).append({
+                "unique_id": t["unique_id"], "name": t["name"], "test": t["test"], "column": t["column_name"],
+                "severity": t["severity"], "status": t["status"], "failures": t["failures"],
+                "message": t["message"], "execution_time": t["execution_time"], "run_at": _iso(t["run_at"])})
         for m in cur.execute(queries.get("model_status")):
             models.append({
                 "name": m["name"],
@@ -77,6 +84,7 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
                 "last_success_at": _iso(m["last_success_at"]),
                 "duration_ms": m["last_duration_ms"],
                 "staleness_seconds": m["staleness_seconds"],
+                "tests": tests.get(m["name"], []),
             })
     return {"schema": cfg.schema, "table": cfg.table, "now": _iso(now),
             "sources": sources, "models": models}
@@ -135,7 +143,7 @@ def render(doc: dict[str, Any]) -> None:
     console.print(t)
     if doc["models"]:
         m = Table(title="Models", title_justify="left")
-        for col in ("model", "kind", "rows", "last refresh", "took", "stale", "status"):
+        for col in ("model", "kind", "rows", "last refresh", "took", "stale", "status", "tests"):
             m.add_column(col, justify="right" if col in ("rows", "took", "stale") else "left")
         for r in doc["models"]:
             status = r["status"] or "-"
@@ -144,8 +152,18 @@ def render(doc: dict[str, Any]) -> None:
             took = "-" if r["duration_ms"] is None else f"{r['duration_ms']:.0f} ms"
             stale = "-" if r["staleness_seconds"] is None else f"{r['staleness_seconds']:.0f}s"
             m.add_row(r["name"], r["kind"], _num(r["rows"]), _age(r["last_refresh_at"], doc["now"]),
-                      took, stale, status)
+                      took, stale, status, _tests(r["tests"]))
         console.print(m)
+
+
+def _tests(tests: list[dict[str, Any]]) -> str:
+    """'3 pass' or '2 pass, 1 warn: casts (4 value(s) did not cast ...)'."""
+    if not tests:
+        return "-"
+    counts = {s: sum(1 for t in tests if t["status"] == s) for s in ("pass", "warn", "fail", "error")}
+    text = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    bad = [t for t in tests if t["status"] != "pass"]
+    return text + (f": {bad[0]['name']} ({bad[0]['message']})" if bad else "")
 
 
 def _num(value: int | None) -> str:

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("name", help="the model's name")
     p.set_defaults(func=cmd_rebuild)
 
-    p = msub.add_parser("sql", parents=[common], help="print a model's SQL (generated for form and contact-type models)")
+    p = msub.add_parser("sql", parents=[common], help="print a model's SQL (generated for form models)")
     p.add_argument("name", help="the model's name")
     p.set_defaults(func=cmd_sql)
 
