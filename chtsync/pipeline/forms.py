@@ -29,8 +29,8 @@ CASTS: dict[str, str | None] = {
 }
 FIELD_KEYS = {"path", "type"}
 # The columns every form / contact-type model starts with; a field may not reuse them.
-FORM_COLUMNS = ("uuid", "saved_timestamp", "reported", "form", "from_phone", "source", "patient_id",
-                "place_id", "contact_uuid", "parent_uuid", "grandparent_uuid")
+FORM_COLUMNS = ("uuid", "saved_timestamp", "reported", "form", "from_phone", "patient_id", "place_id",
+                "contact_uuid", "parent_uuid", "grandparent_uuid", "source")
 CONTACT_COLUMNS = ("uuid", "saved_timestamp", "reported", "parent_uuid", "name", "contact_type",
                    "active", "notes", "muted")
 FAILURES_COLUMN = "_cast_failures"

@@ -12,7 +12,6 @@ SELECT
     chtsync_epoch_v1(doc ->> 'reported_date') AS reported,
     doc ->> 'form' AS form,
     doc ->> 'from' AS from_phone,
-    doc -> 'fields' -> 'inputs' ->> 'source' AS source,
     COALESCE(
         doc ->> 'patient_id',
         doc -> 'fields' ->> 'patient_id',
@@ -21,7 +20,8 @@ SELECT
     COALESCE(doc ->> 'place_id', doc -> 'fields' ->> 'place_id') AS place_id,
     doc -> 'contact' ->> '_id' AS contact_uuid,
     doc -> 'contact' -> 'parent' ->> '_id' AS parent_uuid,
-    doc -> 'contact' -> 'parent' -> 'parent' ->> '_id' AS grandparent_uuid{columns},
+    doc -> 'contact' -> 'parent' -> 'parent' ->> '_id' AS grandparent_uuid,
+    doc -> 'fields' -> 'inputs' ->> 'source' AS source{columns},
     {failures} AS _cast_failures
 FROM couchdb
 WHERE NOT _deleted
