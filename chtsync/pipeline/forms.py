@@ -34,6 +34,13 @@ FORM_COLUMNS = ("uuid", "saved_timestamp", "reported", "form", "from_phone", "pa
 CONTACT_COLUMNS = ("uuid", "saved_timestamp", "reported", "parent_uuid", "name", "contact_type",
                    "active", "notes", "muted")
 FAILURES_COLUMN = "_cast_failures"
+# Indexes of a model that declares none: those CHT Pipeline's cht_form_model / cht_contact_model give.
+DEFAULT_INDEXES: dict[str, list[dict[str, Any]]] = {
+    "form": [{"columns": ["uuid"], "method": "hash"}, {"columns": ["saved_timestamp"]},
+             {"columns": ["contact_uuid"]}, {"columns": ["parent_uuid"]}, {"columns": ["reported"]}],
+    "contact_type": [{"columns": ["uuid"], "method": "hash"}, {"columns": ["saved_timestamp"]},
+                     {"columns": ["parent_uuid"]}, {"columns": ["reported"]}, {"columns": ["name"]}],
+}
 SAMPLE_ROWS = 200_000  # `models fields` reads a sample of a raw table larger than this
 
 
