@@ -207,7 +207,8 @@ def test_contact_type_model_and_models_sql(bed, monkeypatch: pytest.MonkeyPatch,
         # of contact type chw)
         assert _count(conn, "SELECT count(*) FROM {}", "persons") == conn.execute(
             "SELECT count(*) FROM couchdb WHERE NOT _deleted AND (doc ->> 'type' = 'person'"
-            " OR (doc ->> 'type' = 'contact' AND doc ->> 'contact_type' = 'person'))").fetchone()[0] >= len(data.patients)
+            " OR (doc ->> 'type' = 'contact' AND doc ->> 'contact_type' = 'person'))"
+        ).fetchone()[0] >= len(data.patients)
         assert conn.execute("SELECT count(*) FROM persons p JOIN couchdb c ON c._id = p.uuid"
                             " WHERE c.doc ->> 'type' = 'contact'").fetchone()[0] > 0
         assert conn.execute(
