@@ -157,6 +157,9 @@ def test_results_in_status_metrics_and_dbt_shape_and_error_severity_blocks(
         printed = json.loads(capsys.readouterr().out)
         assert [t["unique_id"] for m in printed["models"] if m["name"] == "r" for t in m["tests"]] == [
             "test.r.accepted_values_kind", "test.r.not_null_kind"]
+        monkeypatch.setenv("COLUMNS", "250")  # rich's table width
+        assert cli.main(["status"]) == 0
+        assert "1 pass, 1 fail: not_null_kind (1 row(s) with a NULL in kind)" in capsys.readouterr().out
         assert cli.main(["models", "test", "r"]) == 1
         out = capsys.readouterr().out
         assert "fail   r" in out and "1 pass, 0 warn, 1 fail, 0 error" in out

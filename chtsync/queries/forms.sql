@@ -70,8 +70,10 @@ CASE WHEN {value} IS NULL AND NULLIF(btrim(doc #>> {path}), '') IS NOT NULL THEN
 NULLIF(array_remove(ARRAY[{failed}]::text[], NULL), ARRAY[]::text[])
 
 -- name: raw_size
--- The planner's estimate of the raw table's rows (-1 before its first ANALYZE).
-SELECT COALESCE((SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)), -1)::float8
+-- The raw table's rows as the planner estimates them; before its first ANALYZE (reltuples -1),
+-- its size over 2 kB, about a CHT document's.
+SELECT COALESCE((SELECT CASE WHEN reltuples >= 0 THEN reltuples ELSE pg_relation_size(oid) / 2048.0 END
+                 FROM pg_class WHERE oid = to_regclass(%s)), 0)::float8
 
 -- name: form_fields
 -- `chtsync models fields FORM`: every path under the reports' `fields` that holds a value (not
