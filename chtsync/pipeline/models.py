@@ -122,7 +122,7 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
                   else ("uuid",) if shorthand else ())
     if kind == "incremental" and not unique_key:
         raise _fail(where, "'unique_key' is required for an incremental model (first column = document _id)")
-    indexes = raw.get("indexes", forms.DEFAULT_INDEXES[shorthand.of] if shorthand else [])
+    indexes = raw.get("indexes", forms.DEFAULT_INDEXES[shorthand.of] if shorthand and kind != "view" else [])
     if not isinstance(indexes, list):
         raise _fail(where, "'indexes' must be a list")
     if indexes and kind == "view":
