@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from chtsync import db
+from chtsync import db, queries
 from chtsync.cli import load_config
 from chtsync.config import Config, ConfigError
 from chtsync.pipeline import datatests, forms, graph
@@ -131,6 +131,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         if name not in pipeline.models:
             raise ConfigError(f"model '{name}' is not an enabled model of {cfg.models}")
     with db.connect(cfg) as conn, autocommit(conn):
+        if not conn.execute(queries.get("has_tests_table")).fetchone()[0]:
+            raise ConfigError(f"schema {cfg.schema} has no chtsync_model_tests table: run `chtsync migrate`")
         results = datatests.run(conn, pipeline, names)
     for r in results:
         failures = "" if r.failures is None else str(r.failures)
