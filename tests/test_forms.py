@@ -101,7 +101,8 @@ def bed(couch, couch_server, cfg_factory, tmp_path: Path) -> tuple[Config, sampl
         loaded = sample.load(client, data.texts(), dbs=names)
     assert loaded.failed == 0
     models_path = tmp_path / "models.yaml"
-    models_yaml(models_path)
+    models_yaml(models_path, tests={"pregnancy_home_visit": [{"test": "casts"}],
+                                    "death_report": [{"test": "casts", "column": "died_on"}]})
     cfg = cfg_factory(",".join(names.values()), CHTSYNC_MODELS=str(models_path))
     sync_once(cfg)
     return cfg, data, names
@@ -195,6 +196,9 @@ def test_form_models_from_yaml_equal_hand_written_sql_and_stay_incremental(bed, 
         assert conn.execute("SELECT died_on, _cast_failures FROM f_death_report WHERE uuid = %s",
                             (moved["_id"],)).fetchone() == (None, ["died_on"]), "30 February is no date"
         assert _count(conn, f"SELECT count(*) FROM {{}} WHERE uuid = '{new['_id']}'", f"f_{new['form']}") == 1
+        # ... and the casts tests, run after the refresh that changed their models, count them
+        assert conn.execute("SELECT unique_id, status, failures FROM chtsync_model_tests ORDER BY 1").fetchall() == [
+            ("test.f_death_report.casts_died_on", "warn", 1), ("test.f_pregnancy_home_visit.casts", "warn", 1)]
 
 
 def test_contact_type_model_and_models_sql(bed, monkeypatch: pytest.MonkeyPatch,
