@@ -79,10 +79,15 @@ class RuntimeCollector(Collector):
                                        "First build in progress: documents done", labels=["model"])
         build_total = GaugeMetricFamily("chtsync_model_build_documents_total",
                                         "First build in progress: documents in all", labels=["model"])
+        tests = GaugeMetricFamily("chtsync_model_test_failures",
+                                  "Failures of the data test's last run (-1: the test could not run)",
+                                  labels=["model", "test"])
         for m in rt.models:
             if m.get("build"):
                 build_docs.add_metric([m["name"]], m["build"]["docs"])
                 build_total.add_metric([m["name"]], m["build"]["total"])
+            for t in m.get("tests", ()):
+                tests.add_metric([m["name"], t["name"]], -1 if t["failures"] is None else t["failures"])
             if m["duration_ms"] is not None:
                 refresh.add_metric([m["name"]], m["duration_ms"] / 1000)
             if m["staleness_seconds"] is not None:
@@ -91,7 +96,7 @@ class RuntimeCollector(Collector):
                 rows.add_metric([m["name"]], m["rows"])
             if m["last_success_at"]:
                 success.add_metric([m["name"]], dt.datetime.fromisoformat(m["last_success_at"]).timestamp())
-        yield from (refresh, stale, rows, success, build_docs, build_total)
+        yield from (refresh, stale, rows, success, build_docs, build_total, tests)
 
 
 def ready(runtime: Runtime) -> tuple[bool, dict[str, Any]]:

@@ -13,6 +13,7 @@ from psycopg.rows import dict_row
 
 from chtsync import db, queries
 from chtsync.config import Config
+from chtsync.pipeline import datatests
 
 
 def lease_keys(cfg: Config) -> dict[str, int]:
@@ -66,6 +67,12 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
         })
     models = []
     if _has_models_table(conn):
+        tests: dict[str, list[dict[str, Any]]] = {}
+        for t in datatests.recorded(conn):  # the data tests' last results (models.yaml `tests`)
+            tests.setdefault(t["model"], []).append({
+                "unique_id": t["unique_id"], "name": t["name"], "test": t["test"], "column": t["column_name"],
+                "severity": t["severity"], "status": t["status"], "failures": t["failures"],
+                "message": t["message"], "execution_time": t["execution_time"], "run_at": _iso(t["run_at"])})
         for m in cur.execute(queries.get("model_status")):
             models.append({
                 "name": m["name"],
@@ -78,6 +85,7 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
                 "duration_ms": m["last_duration_ms"],
                 "staleness_seconds": m["staleness_seconds"],
                 "build": _build(m),
+                "tests": tests.get(m["name"], []),
             })
     return {"schema": cfg.schema, "table": cfg.table, "now": _iso(now),
             "sources": sources, "models": models}

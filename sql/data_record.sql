@@ -14,7 +14,9 @@ SELECT
     COALESCE(doc ->> 'place_id', doc #>> '{fields,place_id}') AS place_id,
     doc #>> '{contact,_id}' AS contact_uuid,
     doc #>> '{contact,parent,_id}' AS parent_uuid,
-    doc #>> '{contact,parent,parent,_id}' AS grandparent_uuid
+    doc #>> '{contact,parent,parent,_id}' AS grandparent_uuid,
+    -- how the form was opened: 'task', 'contact', 'action'... (CHT Pipeline's open change)
+    doc #>> '{fields,inputs,source}' AS source
 FROM couchdb
 WHERE NOT _deleted
   AND doc ->> 'type' = 'data_record'

@@ -4,7 +4,8 @@ SELECT
     saved_timestamp,
     -- Midnight UTC of the period; NULL (row kept) when the parts do not make a real date.
     -- Nested CASEs: make_date must only see values already known to be in range.
-    CASE WHEN y BETWEEN 1 AND 9999 AND m BETWEEN 1 AND 12 AND d BETWEEN 1 AND 31 THEN
+    CASE WHEN whole_day IS NOT NULL THEN whole_day::timestamp AT TIME ZONE 'UTC'
+         WHEN y BETWEEN 1 AND 9999 AND m BETWEEN 1 AND 12 AND d BETWEEN 1 AND 31 THEN
         CASE WHEN d <= extract(day FROM make_date(y, m, 1) + interval '1 month - 1 day') THEN
             make_timestamptz(y, m, d, 0, 0, 0, 'UTC')
         END
@@ -30,6 +31,10 @@ FROM (
                         < '{3,8,0}'::int[]
                    THEN 1 ELSE 0 END
         END AS m,
+        -- No year and no month, and a whole date in day: that date (CHT Pipeline's CONCAT_WS
+        -- skips the missing parts and reads the day alone as the date).
+        CASE WHEN doc #>> '{metadata,year}' IS NULL AND doc #>> '{metadata,month}' IS NULL
+             THEN chtsync_try_date_v1(doc #>> '{metadata,day}') END AS whole_day,
         CASE WHEN doc #>> '{metadata,day}' IS NULL THEN 1
              WHEN doc #>> '{metadata,day}' ~ '^[0-9]{1,2}$' THEN (doc #>> '{metadata,day}')::int
         END AS d,

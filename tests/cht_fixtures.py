@@ -77,4 +77,10 @@ def load_models(path: Path = MODELS_YAML) -> list[dict[str, Any]]:
 
 
 def model_sql(model: Mapping[str, Any], path: Path = MODELS_YAML) -> str:
+    if "sql" not in model:  # a form or contact-type model: its SQL is generated
+        from chtsync.pipeline import forms
+
+        shorthand = forms.parse(f"model '{model['name']}'", model)
+        assert shorthand is not None
+        return forms.render(shorthand)
     return (path.parent / model["sql"]).read_text()

@@ -56,7 +56,15 @@ CONTRACT: dict[str, list[tuple[str, str]]] = {
     "data_record": [("uuid", VARCHAR), ("saved_timestamp", TS), ("reported", TSTZ),
                     ("form", TEXT), ("from_phone", TEXT), ("patient_id", TEXT),
                     ("place_id", TEXT), ("contact_uuid", TEXT), ("parent_uuid", TEXT),
-                    ("grandparent_uuid", TEXT)],
+                    ("grandparent_uuid", TEXT), ("source", TEXT)],
+    # the example form model (generated from YAML: chtsync/pipeline/forms.py)
+    "pregnancy_home_visit": [("uuid", VARCHAR), ("saved_timestamp", TS), ("reported", TSTZ),
+                             ("form", TEXT), ("from_phone", TEXT), ("patient_id", TEXT),
+                             ("place_id", TEXT), ("contact_uuid", TEXT), ("parent_uuid", TEXT),
+                             ("grandparent_uuid", TEXT), ("source", TEXT), ("visit_option", TEXT),
+                             ("weeks_since_lmp", "bigint"), ("edd", "date"),
+                             ("anc_visits_hf_past", "bigint"), ("vaginal_bleeding", BOOL),
+                             ("fever", BOOL), ("_cast_failures", "text[]")],
     "user": [("user_id", VARCHAR), ("saved_timestamp", TS), ("contact_uuid", TEXT),
              ("language", TEXT), ("roles", TEXT)],
     "feedback": [("uuid", VARCHAR), ("saved_timestamp", TS), ("source", TEXT), ("url", TEXT),
@@ -243,7 +251,10 @@ T4 = telemetry("telemetry-2021-1-5-carol", "3.8.0", 2021, 1, "5")
 T5 = telemetry("telemetry-2022-6-2-carol", None, 2022, 6, 2)
 T6 = telemetry("telemetry-2019-11-31-carol", "v3.7.0-rc.1", 2019, 11, 31)
 T7 = telemetry("telemetry-2023-2-30-carol", "3.17.1", 2023, 2, 30)
-TELEMETRY = [T1, T2, T3, T4, T5, T6, T7]
+# No year, no month and a whole date in day: that date (CHT Pipeline's CONCAT_WS reads it so).
+T8 = telemetry("telemetry-day-only-carol", "4.5.0", None, None, "2021-05-17")
+T9 = telemetry("telemetry-day-only-bad-carol", "4.5.0", None, None, "2021-02-30")
+TELEMETRY = [T1, T2, T3, T4, T5, T6, T7, T8, T9]
 
 MEDIC_DOCS = [SETTINGS, DH1, HC1, CL1, P1, P2, CHW1, VIL1, ORPHAN, STRAY, GHOST,
               R1, R2, R3, R4, R5, R6, R7, FORM, DDOC, U_CAROL, U_ADMIN]
@@ -291,10 +302,10 @@ def expected_initial() -> dict[str, list[dict[str, Any]]]:
         return {"uuid": uuid, "reported": reported, "parent_uuid": parent, "name": name,
                 "contact_type": ctype, "active": active, "notes": notes, "muted": muted}
 
-    def rec(uuid, reported, form, from_phone, patient_id, place_id, contact, parent, grand):
+    def rec(uuid, reported, form, from_phone, patient_id, place_id, contact, parent, grand, source=None):
         return {"uuid": uuid, "reported": reported, "form": form, "from_phone": from_phone,
                 "patient_id": patient_id, "place_id": place_id, "contact_uuid": contact,
-                "parent_uuid": parent, "grandparent_uuid": grand}
+                "parent_uuid": parent, "grandparent_uuid": grand, "source": source}
 
     def tele(uuid, period, app, user="carol"):
         return {"uuid": uuid, "period_start": period, "user_name": user, "app_version": app,
@@ -320,6 +331,8 @@ def expected_initial() -> dict[str, list[dict[str, Any]]]:
         tele(T5["_id"], day(2022, 6, 2), None),
         tele(T6["_id"], day(2019, 12, 31), "v3.7.0-rc.1"),
         tele(T7["_id"], None, "3.17.1"),
+        tele(T8["_id"], day(2021, 5, 17), "4.5.0"),
+        tele(T9["_id"], None, "4.5.0"),
     ]
     device_rows = [device(r["uuid"], r["period_start"]) for r in tele_rows]
     device_rows[0].update(device_manufacturer="TECNO", device_model="TECNO KB7",
@@ -380,7 +393,7 @@ def expected_initial() -> dict[str, list[dict[str, Any]]]:
         ],
         "data_record": [
             rec("r1", ts(T + 3600), "pregnancy", "+254711111111", "12345", None, "chw1", "hc1",
-                "dh1"),
+                "dh1", "task"),
             rec("r2", ts(1700050000), "pregnancy", None, "p1", None, "chw1", "hc1", None),
             rec("r3", ts(1700100000), "assessment", "+254700000001", "12345", "P-CL1", "p1",
                 "cl1", "hc1"),
@@ -688,7 +701,8 @@ def test_models_initial_build_and_changes(pg: psycopg.Connection, feed: Feed,
     del records["r6"], records["r3"]
     records["r8"] = {"uuid": "r8", "reported": ts(1700300000), "form": "delivery",
                      "from_phone": None, "patient_id": "p1", "place_id": None,
-                     "contact_uuid": "chw1", "parent_uuid": "hc1", "grandparent_uuid": "dh1"}
+                     "contact_uuid": "chw1", "parent_uuid": "hc1", "grandparent_uuid": "dh1",
+                     "source": None}
     exp["data_record"] = list(records.values())
 
     exp["user"] = [{"user_id": "org.couchdb.user:carol", "contact_uuid": "chw1",

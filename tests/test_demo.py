@@ -93,6 +93,12 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             counts.by_db["_users"] + 1,
         ]
         assert "psql" in demo.text() and "every checked model holds what was written" in demo.text()
+        # The example form model and its data tests (sql/models.yaml).
+        form = summary["models"]["pregnancy_home_visit"]
+        assert form["rows"] == form["expected"] >= counts.forms["pregnancy_home_visit"] - summary["trickle"]["deleted"]
+        assert {(t["name"], t["status"]) for t in summary["tests"]} == {
+            ("casts", "pass"), ("accepted_values_visit_option", "pass")}
+        assert "Data test pregnancy_home_visit.casts: pass" in demo.text()
         pouch_port = int(demo.text().split("at http://127.0.0.1:")[1].split()[0])
     finally:
         demo.interrupt()

@@ -40,6 +40,7 @@ log = logging.getLogger("chtsync.demo")
 PG_DB = "chtsync"
 # On a user's own CouchDB the demo writes only to databases of its own, never to medic.
 OWN_COUCH_MAIN = "chtsync-demo"
+FORM_MODEL = "pregnancy_home_visit"  # sql/models.yaml's example form model (with data tests)
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -81,6 +82,7 @@ class Summary:
     errors: int = 0
     expected_errors: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
+    tests: list[dict[str, Any]] = field(default_factory=list)  # data tests: model, name, status, message
     trickle: dict[str, int] = field(default_factory=dict)
     load: dict[str, float] = field(default_factory=dict)
     ok: bool = False
@@ -292,6 +294,7 @@ async def _live(
     counts = data.counts
     expected = dict(counts.models)
     expected["document_metadata"] += design_docs
+    expected[FORM_MODEL] = counts.forms[FORM_MODEL]  # the form model of sql/models.yaml
     trickled = sample.TrickleResult()
     try:
         async with await psycopg.AsyncConnection.connect(**cfg.postgres.conninfo_kwargs(), autocommit=True) as conn:
@@ -336,6 +339,7 @@ async def _live(
                 await _until(stop, serving, lambda: _landed(seen, live), timeout=60)
                 expected["data_record"] += trickled.net_reports
                 expected["document_metadata"] += trickled.net_reports
+                expected[FORM_MODEL] += trickled.forms[FORM_MODEL]
                 # Models refresh one after another: wait for all, not just data_record.
                 with contextlib.suppress(TimeoutError):  # a model still off after that shows as DIFF
                     await _until(stop, serving, lambda: _all_match(conn, cfg, expected), timeout=60)
@@ -448,6 +452,8 @@ async def _fill(
             "refreshed_s_ago": age,
         }
     summary.errors = await _rows(conn, cfg, "chtsync_errors") or 0
+    cur = await conn.execute(queries.compose("demo_tests", tests=sql.Identifier(cfg.schema, "chtsync_model_tests")))
+    summary.tests = [{"model": m, "name": n, "status": s, "message": msg} for m, n, s, msg in await cur.fetchall()]
     summary.expected_errors = refused
     summary.ok = summary.errors == refused and all(
         m["expected"] is None or m["rows"] == m["expected"] for m in summary.models.values()
@@ -479,6 +485,9 @@ def _print_summary(console: Console, summary: Summary, pg: EmbeddedPostgres, arg
             check = (f"{m['expected']:,}", "[green]ok[/green]" if m["rows"] == m["expected"] else "[red]DIFF[/red]")
         table.add_row(name, m["kind"], age, rows, *check)
     console.print(table)
+    for t in summary.tests:
+        colour = "green" if t["status"] == "pass" else "yellow" if t["status"] == "warn" else "red"
+        console.print(f"Data test {t['model']}.{t['name']}: [{colour}]{t['status']}[/{colour}] ({t['message']})")
     mark = "[green]as expected[/green]" if summary.errors == summary.expected_errors else "[red]unexpected[/red]"
     console.print(
         f"chtsync_errors: {summary.errors} row(s), {mark}: the sample holds {summary.expected_errors} "

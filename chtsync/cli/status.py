@@ -44,7 +44,7 @@ def render(doc: dict[str, Any]) -> None:
     console.print(t)
     if doc["models"]:
         m = Table(title="Models", title_justify="left")
-        for col in ("model", "kind", "rows", "last refresh", "took", "stale", "status"):
+        for col in ("model", "kind", "rows", "last refresh", "took", "stale", "status", "tests"):
             m.add_column(col, justify="right" if col in ("rows", "took", "stale") else "left")
         for r in doc["models"]:
             status = r["status"] or "-"
@@ -57,8 +57,18 @@ def render(doc: dict[str, Any]) -> None:
             took = "-" if r["duration_ms"] is None else f"{r['duration_ms']:.0f} ms"
             stale = "-" if r["staleness_seconds"] is None else f"{r['staleness_seconds']:.0f}s"
             m.add_row(r["name"], r["kind"], _num(r["rows"]), _age(r["last_refresh_at"], doc["now"]),
-                      took, stale, status)
+                      took, stale, status, _tests(r.get("tests", [])))
         console.print(m)
+
+
+def _tests(tests: list[dict[str, Any]]) -> str:
+    """'3 pass' or '2 pass, 1 warn: casts (4 value(s) did not cast ...)'."""
+    if not tests:
+        return "-"
+    counts = {s: sum(1 for t in tests if t["status"] == s) for s in ("pass", "warn", "fail", "error")}
+    text = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    bad = [t for t in tests if t["status"] != "pass"]
+    return text + (f": {bad[0]['name']} ({bad[0]['message']})" if bad else "")
 
 
 def _num(value: int | None) -> str:

@@ -244,11 +244,12 @@ def load(cfg: Config, path: Path | None = None) -> Pipeline:
     key = (path, cfg.table)
     cached = _cache.get(key)
     if cached is not None:
-        files = [path, *(m.spec.sql_path for m in cached[1].models.values())]
+        files = [path, *(m.spec.sql_path for m in cached[1].models.values() if m.spec.sql_path)]
         if _texts(files) == cached[0]:
             return cached[1]
     before = _texts([path])  # read before parsing: a change in between only causes a reload
     pipeline = build(load_file(path), cfg.table)
     if before is not None:
-        _cache[key] = (before + tuple(m.spec.sql for m in pipeline.models.values()), pipeline)
+        _cache[key] = (before + tuple(m.spec.sql for m in pipeline.models.values() if m.spec.sql_path),
+                       pipeline)
     return pipeline

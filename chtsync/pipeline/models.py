@@ -14,6 +14,8 @@ from pglast.stream import RawStream
 
 from chtsync.config import IDENT, yaml_file
 from chtsync.errors import ModelsFileError
+from chtsync.pipeline import forms
+from chtsync.pipeline.datatests import DataTest, parse_tests
 
 
 class Kind(StrEnum):
@@ -31,12 +33,13 @@ KEYED = (Kind.INCREMENTAL, Kind.AGGREGATE)  # kinds that need a unique_key
 INDEX_METHODS = ("btree", "hash", "gin", "gist", "brin")
 MODEL_KEYS = {
     "name", "sql", "kind", "unique_key", "reference_keys", "indexes", "depends_on", "interval", "tags", "enabled",
-    "description",
+    "description", "form", "forms", "contact_type", "fields", "tests",
 }
 INDEX_KEYS = {"columns", "expression", "method", "unique"}
 RAW = "couchdb"  # how model SQL names the raw table, whatever POSTGRES_TABLE is
 # Names of chtsync's own tables: a model of that name would replace them.
-RESERVED = {RAW, "couchdb_progress", "chtsync_errors", "chtsync_sources", "chtsync_models"}
+RESERVED = {RAW, "couchdb_progress", "chtsync_errors", "chtsync_sources", "chtsync_models",
+            "chtsync_model_tests"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class ModelSpec:
 
     name: str
     kind: str
-    sql_path: Path
+    sql_path: Path | None  # None: generated from form / contact_type (forms.py)
     sql: str
     unique_key: tuple[str, ...] = ()
     reference_keys: tuple[str, ...] = ()  # incremental: columns holding other documents' ids
@@ -63,6 +66,7 @@ class ModelSpec:
     tags: tuple[str, ...] = ()
     enabled: bool = True
     description: str = ""
+    tests: tuple[DataTest, ...] = ()
 
 
 def _fail(where: str, message: str) -> ModelsFileError:
@@ -132,20 +136,28 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
         raise _fail(where, f"unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(MODEL_KEYS))})")
     if name in RESERVED or name.startswith(("chtsync_", "_yoyo")):
         raise _fail(where, "'name' is reserved for chtsync's own tables; choose another name")
-    kind = raw.get("kind")
+    shorthand = forms.parse(where, raw)
+    # A form / contact-type model is keyed by its report's or contact's document: incremental.
+    kind = raw.get("kind", "incremental" if shorthand else None)
     if kind not in KINDS:
         raise _fail(where, f"'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
-    sql_name = raw.get("sql")
-    if not isinstance(sql_name, str) or not sql_name:
-        raise _fail(where, "'sql' must name the model's .sql file (relative to models.yaml)")
-    sql_path = (base / sql_name).resolve()
-    try:
-        text = sql_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise _fail(where, f"'sql': cannot read {sql_path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise _fail(where, f"'sql': {sql_path} is not UTF-8 text: save it as UTF-8") from None
-    unique_key = _names(where, "unique_key", raw["unique_key"]) if "unique_key" in raw else ()
+    sql_path: Path | None = None
+    if shorthand:
+        text = forms.render(shorthand)
+    else:
+        sql_name = raw.get("sql")
+        if not isinstance(sql_name, str) or not sql_name:
+            raise _fail(where, "'sql' must name the model's .sql file (relative to models.yaml),"
+                        " or give 'form' / 'contact_type' and 'fields'")
+        sql_path = (base / sql_name).resolve()
+        try:
+            text = sql_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise _fail(where, f"'sql': cannot read {sql_path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise _fail(where, f"'sql': {sql_path} is not UTF-8 text: save it as UTF-8") from None
+    unique_key = (_names(where, "unique_key", raw["unique_key"]) if "unique_key" in raw
+                  else ("uuid",) if shorthand else ())
     if kind == Kind.INCREMENTAL and not unique_key:
         raise _fail(where, "'unique_key' is required for an incremental model (first column = document _id)")
     if kind == Kind.AGGREGATE and not unique_key:
@@ -154,7 +166,7 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
                       if "reference_keys" in raw else ())
     if reference_keys and kind != Kind.INCREMENTAL:
         raise _fail(where, "'reference_keys' applies to incremental models only")
-    indexes = raw.get("indexes", [])
+    indexes = raw.get("indexes", forms.DEFAULT_INDEXES[shorthand.of] if shorthand and kind != "view" else [])
     if not isinstance(indexes, list):
         raise _fail(where, "'indexes' must be a list")
     if indexes and kind == "view":
@@ -183,6 +195,7 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
         tags=_names(where, "tags", raw["tags"], allow_empty=True) if "tags" in raw else (),
         enabled=enabled,
         description=description,
+        tests=parse_tests(where, raw.get("tests", [])),
     )
 
 

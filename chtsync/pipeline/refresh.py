@@ -21,7 +21,7 @@ from psycopg import sql
 from chtsync import db
 from chtsync.config import Config
 from chtsync.errors import ConfigError, ModelsFileError, PostgresUnavailable
-from chtsync.pipeline import graph
+from chtsync.pipeline import datatests, graph
 from chtsync.pipeline.graph import Model, Pipeline
 from chtsync.pipeline.models import Kind
 from chtsync.pipeline.session import autocommit, first_line, q, value
@@ -272,6 +272,9 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
     inputs = _inputs(pipeline)
     raw_changed: dict[str, bool] = {}
     failed: dict[str, str] = {}  # model -> why its dependents are blocked
+    # A data test of severity error that failed holds the model's dependants back until it
+    # passes; a test never run yet runs at the end of this round.
+    held, untested = datatests.pending(conn, pipeline)
     results: list[RefreshResult] = []
     aggregates: dict[str, list[Model]] = {}
     for m in pipeline.models.values():
@@ -288,6 +291,8 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
     for model in pipeline.models.values():
         if should_stop():
             break
+        if model.name in held:
+            failed[model.name] = held[model.name]
         blocked = [d for d in model.deps if d in failed]
         state = states.get(model.name)
         if model.kind == "view":
@@ -364,7 +369,16 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
         log.info("model refreshed name=%s kind=%s rows=%s changed=%s ms=%.0f",
                  model.name, model.kind, rows, changed_docs, ms)
         results.append(RefreshResult(model.name, model.kind, "ok", rows, changed_docs, ms))
+        if model.spec.tests and changed_docs != 0:  # its data changed: test it again
+            untested.discard(model.name)
+            failed.pop(model.name, None)
+            fails = [t.name for t in datatests.run(conn, pipeline, [model.name]) if t.status == "fail"]
+            if fails:
+                failed[model.name] = f"failed data test {fails[0]}"
     analyze_due(cfg, conn, [m.name for m in pipeline.models.values() if m.kind != Kind.VIEW])
+    applied = [n for n in untested if n in states and states[n].hash == pipeline.models[n].hash]
+    if applied and not should_stop():
+        datatests.run(conn, pipeline, applied)
     return results
 
 
