@@ -1,13 +1,15 @@
 """`chtsync run` as a user runs it: freshness, idle cost, and memory during a large sync.
 
 freshness  one new report every 0.25 s for 60 s while `run` is running: time from the CouchDB
-           write (its HTTP response) to the row in v1.couchdb and to the row in v1.data_record.
-idle       CPU of `chtsync run` and of its Postgres sessions over 60 s with no changes.
+           write (its HTTP response) to the row in v1.couchdb and to the row in v1.data_record;
+           on Apache CouchDB 3.4.3 (../shared/couchdb/) and on pouchdb-server, in the same run.
+idle       CPU of `chtsync run` and of its Postgres sessions over 60 s with no changes (each server).
 rss        peak RSS of `chtsync run` while it syncs N documents from a canned CouchDB-API
            server (a separate process serving generated `_changes` pages, so CouchDB's own
            memory is not counted and 1M documents need no hour-long load).
 
-Usage: python bench/run_bench.py [--seconds 60] [--idle 60] [--rss-docs 1000000] [--no-write]
+Usage: python bench/run_bench.py [--seconds 60] [--idle 60] [--rss-docs 1000000]
+       [--servers couchdb,pouchdb] [--no-write]
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, write_section  # noqa: E402
-from tests.servers import ADMIN, PouchServer, free_port  # noqa: E402
+from tests.servers import ADMIN, CouchDBServer, PouchServer, free_port  # noqa: E402
+
+SERVERS = {"couchdb": ("Apache CouchDB 3.4.3", CouchDBServer),
+           "pouchdb": ("pouchdb-server 4.2 (in memory)", PouchServer)}
 
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-DB = "chtsync_bench_run"
+DB = f"chtsync_bench_run_{os.getpid()}"  # per process: several runs may share the server
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -81,8 +86,9 @@ def wait_for(conn: psycopg.Connection, sql: str, timeout: float = 120) -> None:
     raise TimeoutError(sql)
 
 
-def freshness_and_idle(seconds: float, idle: float) -> tuple[str, str]:
-    server = PouchServer().start()
+def freshness_and_idle(kind: str, seconds: float, idle: float) -> dict:
+    """Latencies (s) to the raw row and to the model row, and idle CPU (% of a core), on one server."""
+    server = SERVERS[kind][1]().start()
     admin = server.client()
     admin.create_db("medic")
     admin.bulk("medic", [{"_id": f"seed{i}", "type": "data_record", "form": "delivery",
@@ -138,27 +144,33 @@ def freshness_and_idle(seconds: float, idle: float) -> tuple[str, str]:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
         server.close()
+    return {"written": len(written), "raw": raw, "model": model, "pg_sessions": len(pg_pids),
+            "cpu_run": (after[0] - before[0]) / idle * 100, "cpu_pg": (after[1] - before[1]) / idle * 100}
+
+
+def freshness_tables(results: dict[str, dict], seconds: float, idle: float, command: str) -> tuple[str, str]:
+    counts = ", ".join(f"{r['written']} into {SERVERS[k][0]}" for k, r in results.items())
+    rows = []
+    for kind, r in results.items():
+        for what, values in (("row in `v1.couchdb`", r["raw"]), ("row in `v1.data_record`", r["model"])):
+            rows.append(f"| {SERVERS[kind][0]} | {what} | {statistics.median(values):.3f} s"
+                        f" | {pct(values, .95):.3f} s | {max(values):.3f} s | {len(values)}/{r['written']} |")
     fresh = "\n".join([
-        f"`python bench/run_bench.py` ({len(written)} reports, one every 0.25 s for {seconds:.0f} s, into"
-        " pouchdb-server; `chtsync run` with the default 5 s interval, so the model path is the"
-        " NOTIFY-driven refresh):",
+        f"`{command}`: one new report every 0.25 s for {seconds:.0f} s ({counts});"
+        " `chtsync run` with the default 5 s interval, so the model path is the NOTIFY-driven refresh:",
         "",
-        "| from the CouchDB write to | p50 | p95 | max | seen |",
-        "|---|---:|---:|---:|---:|",
-        f"| row in `v1.couchdb` | {statistics.median(raw):.3f} s | {pct(raw, .95):.3f} s | {max(raw):.3f} s"
-        f" | {len(raw)}/{len(written)} |",
-        f"| row in `v1.data_record` | {statistics.median(model):.3f} s | {pct(model, .95):.3f} s |"
-        f" {max(model):.3f} s | {len(model)}/{len(written)} |",
+        "| server | from the CouchDB write to | p50 | p95 | max | seen |",
+        "|---|---|---:|---:|---:|---:|",
+        *rows,
     ])
-    cpu_run = (after[0] - before[0]) / idle * 100
-    cpu_pg = (after[1] - before[1]) / idle * 100
+    idle_rows = [f"| {SERVERS[k][0]} | {r['cpu_run']:.2f}% of a core | {r['cpu_pg']:.2f}% of a core"
+                 f" ({r['pg_sessions']} sessions) |" for k, r in results.items()]
     idle_text = "\n".join([
         f"Over {idle:.0f} s with no changes (caught up, longpoll waiting, refresh loop checking every 5 s):",
         "",
-        "| process | CPU |",
-        "|---|---:|",
-        f"| `chtsync run` | {cpu_run:.2f}% of a core |",
-        f"| its Postgres sessions ({len(pg_pids)}) | {cpu_pg:.2f}% of a core |",
+        "| server | `chtsync run` CPU | its Postgres sessions' CPU |",
+        "|---|---:|---:|",
+        *idle_rows,
     ])
     return fresh, idle_text
 
@@ -238,13 +250,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--idle", type=float, default=60)
     parser.add_argument("--rss-docs", type=int, default=1_000_000)
+    parser.add_argument("--servers", default="couchdb,pouchdb")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    fresh, idle = freshness_and_idle(args.seconds, args.idle)
+    results = {kind: freshness_and_idle(kind, args.seconds, args.idle) for kind in args.servers.split(",")}
+    command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
+    fresh, idle = freshness_tables(results, args.seconds, args.idle, command.strip())
     rss = peak_rss(args.rss_docs)
     with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    body = "\n\n".join([f"On {machine(ADMIN_DSN)}, {time.strftime('%Y-%m-%d')}.", fresh, idle, rss])
+    body = "\n\n".join([f"On {machine(ADMIN_DSN)}, {time.strftime('%Y-%m-%d')}, while other jobs shared the"
+                         " 2 cores (repeated runs vary).", fresh, idle, rss])
     print(body)
     if not args.no_write:
         write_section("Freshness, idle cost and memory of `chtsync run`", body)

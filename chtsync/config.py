@@ -76,6 +76,7 @@ class Config:
     sources: tuple[CouchSource, ...]
     postgres: PostgresConfig
     batch_size: int = 1000
+    page_bytes: int = 16 * 2**20  # a _changes page stays under this (unless one document is bigger)
     heartbeat_ms: int = 10000
     models: Path = field(default_factory=paths.default_models)
     refresh_interval: float = 5.0
@@ -113,7 +114,7 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "postgres": {
         "host", "port", "user", "password", "password_file", "db", "schema", "table", "url",
     },
-    "sync": {"batch_size", "heartbeat_ms"},
+    "sync": {"batch_size", "page_bytes", "heartbeat_ms"},
     "pipeline": {"models", "interval"},
     "metrics": {"port", "host"},
     "log": {"level", "format"},
@@ -463,6 +464,8 @@ def load(
         sources=tuple(sources),
         postgres=_postgres(_section(raw, "postgres"), env),
         batch_size=_int("BATCH_SIZE", env.get("BATCH_SIZE") or sync.get("batch_size", 1000), 1, 10000),
+        page_bytes=_int("PAGE_BYTES", env.get("PAGE_BYTES") or sync.get("page_bytes", 16 * 2**20),
+                        4096, 2**31 - 1),
         heartbeat_ms=_int("sync.heartbeat_ms", sync.get("heartbeat_ms", 10000), 1000, 60000),
         models=models,
         refresh_interval=_float("DATAEMON_INTERVAL", interval, 0.1),

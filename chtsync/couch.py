@@ -6,10 +6,12 @@ Credentials travel in the Authorization header only; no URL or message here ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import ssl
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,18 +21,54 @@ from chtsync.config import CouchSource
 from chtsync.errors import CouchAuthError, CouchBadSince, CouchError, CouchNotFound, first_line
 
 
+class PageTooLarge(CouchError):
+    """A _changes page grew past the byte budget: ask again for fewer changes."""
+
+    def __init__(self, limit: int, size: int) -> None:
+        super().__init__(f"_changes page of {limit} changes passed {size} bytes")
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class DbInfo:
     doc_count: int
     doc_del_count: int
     update_seq: str
+    # CouchDB 3: the database's creation time ("1796003678"); another value = recreated.
+    # None where the server has no such thing (CouchDB 2 says "0"; pouchdb-server).
+    instance: str | None = None
+    # Opaque, moves with every purge; None where the server has no _purge (pouchdb-server).
+    purge_seq: str | None = None
 
 
-# The end of a _changes body: `"last_seq":<seq>[,"pending":N]}`. Read to fetch the next page
-# while Postgres ingests this one; only the trailer is looked at, never the documents.
+def _instance(data: dict[str, Any]) -> str | None:
+    value = data.get("instance_start_time")
+    # Only CouchDB 3's creation time (seconds since the epoch, equal to the shard suffix) says
+    # which database this is; "0" (CouchDB 2) or anything else says nothing.
+    return value if isinstance(value, str) and value.isdigit() and value != "0" else None
+
+
+# The end of a _changes body: `"last_seq":<seq>[,"pending":<value>]}`. Read to fetch the next
+# page while Postgres ingests this one; only the trailer is looked at, never the documents.
 _TRAILER = re.compile(
-    rb'"last_seq"\s*:\s*("(?:[^"\\]|\\.)*"|-?[0-9]+)\s*(?:,\s*"pending"\s*:\s*([0-9]+)\s*)?\}\s*$'
+    rb'"last_seq"\s*:\s*("(?:[^"\\]|\\.)*"|-?[0-9]+)\s*'
+    rb'(?:,\s*"pending"\s*:\s*("(?:[^"\\]|\\.)*"|[-+.0-9eE]+|null|true|false)\s*)?\}\s*$'
 )
+MAX_COUNT = 2**31 - 1  # couchdb_progress.pending is an integer column (CHT Sync's layout)
+
+
+def tolerant_count(value: Any) -> int | None:
+    """A count CouchDB sent (`pending`, `doc_count`): None (unknown) unless it is a plain
+    non-negative integer that fits. `1e30` must not stall a feed, nor `-1` spin one."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        return None
+    return value
+
+
+def _count_token(token: bytes | None) -> int | None:
+    if token is None or not token.isdigit():
+        return None
+    return tolerant_count(int(token))
 
 
 def page_trailer(body: bytes) -> tuple[str, int | None] | None:
@@ -43,7 +81,19 @@ def page_trailer(body: bytes) -> tuple[str, int | None] | None:
         seq = json.loads(token) if token.startswith(b'"') else token.decode()
     except ValueError:
         return None
-    return str(seq), int(match.group(2)) if match.group(2) else None
+    return str(seq), _count_token(match.group(2))
+
+
+def tolerant_trailer(body: bytes) -> bytes:
+    """The body with a `pending` that is no usable count replaced by null (unknown), so that
+    the ingest never reads 1e30 into a bigint nor takes -1 for "more to come"."""
+    tail = len(body) - min(len(body), 2048)
+    match = _TRAILER.search(body, tail)
+    token = match.group(2) if match else None
+    if token is None or token == b"null" or _count_token(token) is not None:
+        return body
+    start, end = match.span(2)
+    return body[:start] + b"null" + body[end:]
 
 
 def short_seq(seq: str | None, width: int = 16) -> str:
@@ -87,8 +137,15 @@ class CouchClient:
         return f"{self.source.url}/{db}" if db else self.source.url
 
     async def _get(self, path: str, db: str | None, **kw: Any) -> httpx.Response:
-        try:
+        with self._transport_errors(db):
             response = await self.http.get(path, **kw)
+        self._check_status(response, db)
+        return response
+
+    @contextlib.contextmanager
+    def _transport_errors(self, db: str | None) -> Iterator[None]:
+        try:
+            yield
         except httpx.TimeoutException:
             raise CouchError(f"CouchDB at {self._where(db)} timed out") from None
         except httpx.TransportError as exc:
@@ -100,9 +157,11 @@ class CouchClient:
                     " set COUCHDB_CA_FILE to your CA, or COUCHDB_VERIFY_TLS=false", transient=False,
                 ) from None
             raise CouchError(f"CouchDB at {self._where(db)} unreachable: {reason} {text}".strip()) from None
+
+    def _check_status(self, response: httpx.Response, db: str | None) -> None:
         status = response.status_code
         if status == 200:
-            return response
+            return
         if status in (401, 403):
             raise CouchAuthError(
                 f"CouchDB at {self._where(db)} refused the credentials (HTTP {status}):"
@@ -117,22 +176,50 @@ class CouchClient:
             raise CouchBadSince(f"CouchDB at {self._where(db)} answered 400: {response.text[:200]}")
         raise CouchError(f"CouchDB at {self._where(db)} answered HTTP {status}", status=status)
 
+    def _json(self, response: httpx.Response, db: str | None) -> dict[str, Any]:
+        """A JSON object body, or a CouchError saying the server sent something else."""
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise CouchError(f"CouchDB at {self._where(db)} sent an unreadable response: {exc}") from None
+        if not isinstance(data, dict):
+            raise CouchError(f"CouchDB at {self._where(db)} sent an unreadable response: not an object")
+        return data
+
     @staticmethod
     def _db_path(db: str) -> str:
         return "/" + urllib.parse.quote(db, safe="")
 
     async def db_info(self, db: str) -> DbInfo:
-        data = (await self._get(self._db_path(db), db)).json()
+        data = self._json(await self._get(self._db_path(db), db), db)
         return DbInfo(
-            doc_count=int(data.get("doc_count", 0)),
-            doc_del_count=int(data.get("doc_del_count", 0)),
+            doc_count=tolerant_count(data.get("doc_count")) or 0,
+            doc_del_count=tolerant_count(data.get("doc_del_count")) or 0,
             update_seq=str(data.get("update_seq")),
+            instance=_instance(data),
+            purge_seq=None if data.get("purge_seq") is None else str(data["purge_seq"]),
         )
 
+    async def purged_ids(self, db: str) -> list[str]:
+        """Ids of the purges CouchDB still remembers (`_purged_infos`, the latest
+        `_purged_infos_limit` per shard at least), without duplicates."""
+        data = (await self._get(self._db_path(db) + "/_purged_infos", db)).json()
+        infos = data.get("purged_infos") if isinstance(data, dict) else None
+        ids = [i["id"] for i in infos or [] if isinstance(i, dict) and isinstance(i.get("id"), str)]
+        return list(dict.fromkeys(ids))
+
+    async def purged_infos_limit(self, db: str) -> int:
+        value = (await self._get(self._db_path(db) + "/_purged_infos_limit", db)).json()
+        return int(value) if isinstance(value, int) else 1000
+
     async def changes(
-        self, db: str, since: str, limit: int, *, longpoll: bool = False, heartbeat_ms: int = 10000
+        self, db: str, since: str, limit: int, *, longpoll: bool = False, heartbeat_ms: int = 10000,
+        max_bytes: int | None = None,
     ) -> bytes:
-        """One page of _changes with documents, as the raw response body."""
+        """One page of _changes with documents, as the raw response body.
+
+        A body growing past max_bytes while more than one change was asked for is abandoned
+        (PageTooLarge): the caller asks again for fewer, so memory stays bounded."""
         params: dict[str, Any] = {
             "since": since,
             "limit": limit,
@@ -143,8 +230,21 @@ class CouchClient:
         if longpoll:
             # Waits for the next change; heartbeat newlines keep a live connection provably live.
             params.update(feed="longpoll", heartbeat=heartbeat_ms)
-        response = await self._get(self._db_path(db) + "/_changes", db, params=params)
-        return response.content
+        path = self._db_path(db) + "/_changes"
+        with self._transport_errors(db):
+            async with self.http.stream("GET", path, params=params) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    self._check_status(response, db)
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if max_bytes is not None and limit > 1 and len(body) > max_bytes:
+                        # Freed now: the exception's traceback keeps this frame alive.
+                        size = len(body)
+                        body.clear()
+                        raise PageTooLarge(limit, size)
+        return body  # a bytearray: no copy of a page that may be page_bytes long
 
     async def all_docs_page(
         self, db: str, start_key: str | None, limit: int
@@ -153,8 +253,11 @@ class CouchClient:
         params: dict[str, Any] = {"limit": limit}
         if start_key is not None:
             params["start_key"] = json.dumps(start_key)
-        data = (await self._get(self._db_path(db) + "/_all_docs", db, params=params)).json()
-        return [(row["id"], row["value"]["rev"]) for row in data.get("rows", [])]
+        data = self._json(await self._get(self._db_path(db) + "/_all_docs", db, params=params), db)
+        try:
+            return [(str(row["id"]), str(row["value"]["rev"])) for row in data.get("rows", [])]
+        except (KeyError, TypeError, AttributeError):
+            raise CouchError(f"CouchDB at {self._where(db)} sent an unreadable _all_docs page") from None
 
     async def fetch_docs(self, db: str, ids: list[str]) -> bytes:
         """Current winning revisions of `ids` as a _changes-shaped page body (for repair)."""
@@ -195,7 +298,8 @@ class CouchClient:
             raise CouchError(f"CouchDB at {self._where(db)} answered HTTP {response.status_code}",
                              status=response.status_code)
         found: dict[str, tuple[str, bool] | None] = dict.fromkeys(ids)
-        for row in response.json().get("rows", []):
+        rows = self._json(response, db).get("rows", [])
+        for row in rows if isinstance(rows, list) else []:
             value = row.get("value")
             if isinstance(value, dict) and isinstance(row.get("id"), str) and "rev" in value:
                 found[row["id"]] = (str(value["rev"]), bool(value.get("deleted")))

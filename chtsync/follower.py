@@ -16,7 +16,7 @@ import random
 import socket
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import psycopg
@@ -29,20 +29,26 @@ from chtsync.couch import (
     CouchClient,
     CouchError,
     CouchNotFound,
+    DbInfo,
+    PageTooLarge,
     page_trailer,
     seq_number,
     short_seq,
 )
 from chtsync.errors import Stopped
-from chtsync.store import Store
+from chtsync.store import SourceMarks, Store, UnreadablePage
 
 log = logging.getLogger("chtsync.follower")
 T = TypeVar("T")
 
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
-IDLE_CHECK_SECONDS = 60.0  # while caught up, re-check the database this often (rewind, liveness)
+# While caught up, look at the database (GET /db) this often, beside the open longpoll: a
+# recreated database, and purges, which never appear in _changes, are seen within this bound.
+DB_CHECK_SECONDS = 2.0
 PERMANENT_RETRY_SECONDS = 30.0  # wrong credentials / missing database: try again this often
 ONCE_MAX_RETRIES = 6  # `sync --once`: consecutive CouchDB failures (~30 s of backoff) before giving up
+RETRY_BASE_SECONDS = 0.5  # first retry after a failure; doubled per consecutive failure
+RETRY_CAP_SECONDS = 30.0
 
 
 @dataclass
@@ -75,8 +81,10 @@ class SourceStats:
 class Backoff:
     """Capped exponential backoff with jitter."""
 
-    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
+    def __init__(self, base: float | None = None, cap: float | None = None) -> None:
+        self.base = RETRY_BASE_SECONDS if base is None else base
+        self.cap = RETRY_CAP_SECONDS if cap is None else cap
+        self.attempt = 0
 
     def next(self) -> float:
         delay = min(self.cap, self.base * 2**self.attempt)
@@ -109,7 +117,11 @@ class Follower:
         self.stats = SourceStats(self.name)
         self.done = asyncio.Event()  # set when caught up in --once mode
         self._conn: psycopg.AsyncConnection | None = None
-        self.resync = False  # resyncing a recreated database: write without the revision guard
+        self.marks = SourceMarks()  # the database the checkpoint belongs to, purges applied
+        # Changes asked per page: batch_size, fewer while documents are big (cfg.page_bytes).
+        self.limit = cfg.batch_size
+        self._ahead_limit = self.limit  # the limit the prefetched page was asked with
+        self._problems: set[tuple[str, str]] = set()  # unreadable pages recorded: (since, kind)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -163,16 +175,15 @@ class Follower:
         self._conn = conn
         await conn.execute(queries.get("session_keepalives"))
         await self._acquire_lease(conn)
-        stored, self.resync = await self.store.checkpoint(conn, self.name)
-        since = await self._check_rewind(conn, stored or "0")
+        stored, self.marks = await self.store.checkpoint(conn, self.name)
+        since = await self._check_database(conn, stored or "0", fresh=stored is None)
         self.stats.seq = since
         await self._set_state("catching up", None)
         caught_up = False
-        limit = self.cfg.batch_size
         ahead: asyncio.Task[bytes] | None = None  # the next page, fetched during this ingest
         try:
             while not self.done.is_set():
-                since, caught_up, ahead = await self._step(conn, backoff, since, caught_up, limit, ahead)
+                since, caught_up, ahead = await self._step(conn, backoff, since, caught_up, self.limit, ahead)
         finally:
             if ahead is not None:
                 ahead.cancel()
@@ -187,24 +198,46 @@ class Follower:
         longpoll = caught_up and not self.once
         try:
             if ahead is not None:
+                limit = self._ahead_limit
                 body = await self._until_stopped(ahead, None)
                 ahead = None
             else:
                 body = await self._fetch(since, limit, longpoll)
         except CouchBadSince as exc:
             return await self._restart(conn, f"CouchDB refused the stored seq ({exc})"), False, None
-        if body is None:  # idle check interval passed while caught up
-            return await self._check_rewind(conn, since), caught_up, None
+        except PageTooLarge as exc:
+            # Big documents: ask again for half as many (one at least), before any is stored.
+            self.limit = max(1, exc.limit // 2)
+            log.info("source=%s page over %d bytes: %d changes per page", self.name,
+                     self.cfg.page_bytes, self.limit)
+            return since, caught_up, None
+        if body is None:  # while caught up, the database needs a look (recreated? purged?)
+            return await self._check_database(conn, since, caught_up=True), caught_up, None
         trailer = None if longpoll else page_trailer(body)
-        if trailer is not None and trailer[1] != 0:
+        if trailer is not None and trailer[1] != 0 and len(body) <= self.cfg.page_bytes // 2:
             # More is pending (or the server does not say): CouchDB sends the next page while
             # Postgres ingests this one. Used only if this page ends at the seq the trailer said.
+            # Not with big pages: two of them in memory at once would double the bound.
+            self._ahead_limit = self.limit
             ahead = asyncio.ensure_future(self.client.changes(
-                self.db, trailer[0], limit, heartbeat_ms=self.cfg.heartbeat_ms))
+                self.db, trailer[0], self.limit, heartbeat_ms=self.cfg.heartbeat_ms,
+                max_bytes=self.cfg.page_bytes))
             # If it is dropped unread, its error (if any) must not be reported as unretrieved.
             ahead.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
-            result = await self.store.ingest(conn, self.name, body, limit, force=self.resync)
+            result = await self.store.ingest(conn, self.name, body, limit)
+        except UnreadablePage as exc:
+            # Garbage, cut short, no results or no last_seq: nothing to store or checkpoint.
+            # One error row per problem and seq, however often it is retried (with backoff).
+            if ahead is not None:
+                ahead.cancel()
+            key = (since, exc.kind)
+            if key not in self._problems:
+                self._problems.add(key)
+                await self.store.record_unreadable(conn, self.name, since, exc)
+            self._count_error("unreadable_page")
+            raise CouchError(f"CouchDB sent an unreadable _changes page for {self.name}"
+                             f" after seq {short_seq(since)}: {exc.kind}") from None
         except BaseException:
             if ahead is not None:
                 ahead.cancel()
@@ -212,11 +245,10 @@ class Follower:
         if ahead is not None and (trailer is None or result.last_seq != trailer[0]):
             ahead.cancel()
             ahead = None
-        backoff.reset()
-        if result.last_seq is None:
-            if ahead is not None:
-                ahead.cancel()
-            raise CouchError(f"CouchDB sent an unreadable _changes page for {self.name}")
+        backoff.reset()  # only a page stored resets it: a bad page again and again backs off
+        self._problems.clear()
+        self._adapt_limit(len(body), result.changes)
+        del body
         self._account(result.written, result.refused, result.pending, result.last_seq)
         log.debug(
             "page source=%s changes=%d written=%d pending=%s seq=%s",
@@ -225,20 +257,18 @@ class Follower:
         since = result.last_seq
         now_caught_up = result.pending == 0 if result.pending is not None else result.changes < limit
         if now_caught_up and not caught_up and not longpoll:
-            # Some servers echo an old seq back for a recreated database: compare.
-            checked = await self._check_rewind(conn, since)
+            # Recreated databases, purges and owed verifies are dealt with once caught up (no
+            # page is in flight then, so none read before a purge can be written after it).
+            if ahead is not None:
+                ahead.cancel()
+                ahead = None
+            checked = await self._check_database(conn, since, caught_up=True)
             if checked != since:  # restarting from 0: not caught up after all
-                if ahead is not None:
-                    ahead.cancel()
                 return checked, False, None
         if now_caught_up != caught_up:
             caught_up = now_caught_up
             if caught_up:
                 self.stats.caught_up_at = time.monotonic()
-                if self.resync:
-                    await self.store.end_resync(conn, self.name)
-                    self.resync = False
-                    log.info("resync done source=%s", self.name)
             await self._set_state("following" if caught_up else "catching up", None)
         if caught_up and self.once:
             self.done.set()
@@ -262,30 +292,146 @@ class Follower:
             if self.stop.is_set():
                 raise Stopped
 
-    async def _fetch(self, since: str, limit: int, longpoll: bool) -> bytes | None:
-        fetch = self.client.changes(
-            self.db, since, limit, longpoll=longpoll, heartbeat_ms=self.cfg.heartbeat_ms
-        )
-        return await self._until_stopped(fetch, IDLE_CHECK_SECONDS if longpoll else None)
+    def _adapt_limit(self, size: int, changes: int) -> None:
+        """Changes per page such that a page stays under cfg.page_bytes at the document size
+        just seen: down at once, back up by doubling, never above batch_size."""
+        if changes == 0:
+            return
+        fit = max(1, min(self.cfg.batch_size, int(self.cfg.page_bytes * changes / max(size, 1))))
+        new = fit if fit < self.limit else min(fit, self.limit * 2)
+        if new != self.limit:
+            log.debug("source=%s %d changes per page (%d bytes for %d)", self.name, new, size, changes)
+            self.limit = new
 
-    async def _check_rewind(self, conn: psycopg.AsyncConnection, since: str) -> str:
+    async def _fetch(self, since: str, limit: int, longpoll: bool) -> bytes | None:
+        """The next page; None when caught up and the database needs a look first."""
+        fetch = asyncio.ensure_future(self.client.changes(
+            self.db, since, limit, longpoll=longpoll, heartbeat_ms=self.cfg.heartbeat_ms,
+            max_bytes=self.cfg.page_bytes,
+        ))
+        if not longpoll:
+            return await self._until_stopped(fetch, None)
+        try:
+            # The longpoll stays open; beside it, GET /db every DB_CHECK_SECONDS. A page that
+            # arrived is always taken first: it was read before whatever the check found.
+            while True:
+                body = await self._until_stopped(asyncio.shield(fetch), DB_CHECK_SECONDS)
+                if body is not None:
+                    return body
+                info = await self._db_info()
+                if fetch.done() and not fetch.cancelled() and fetch.exception() is None:
+                    return fetch.result()
+                if self._needs_look(since, info):
+                    return None
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fetch
+
+    async def _db_info(self) -> DbInfo:
         info = await self._until_stopped(self.client.db_info(self.db), None)
         if info is None:
             raise Stopped
+        return info
+
+    def _recreated(self, since: str, info: DbInfo) -> str | None:
+        """Why the database is not the one the checkpoint belongs to, if it is not."""
+        if self.marks.instance and info.instance and info.instance != self.marks.instance:
+            return (f"database {self.db} was deleted and recreated (created at {info.instance},"
+                    f" the checkpoint belongs to the one created at {self.marks.instance})")
+        # Servers without a creation time (pouchdb-server) echo an old seq back: compare.
         ours, theirs = seq_number(since), seq_number(info.update_seq)
         if ours is not None and theirs is not None and theirs < ours:
-            return await self._restart(
-                conn,
-                f"database {self.db} is behind the stored checkpoint (update_seq {theirs} < {ours}):"
-                " it was probably deleted and recreated",
-            )
+            return (f"database {self.db} is behind the stored checkpoint (update_seq {theirs} <"
+                    f" {ours}): it was probably deleted and recreated")
+        return None
+
+    def _needs_look(self, since: str, info: DbInfo) -> bool:
+        return (self._recreated(since, info) is not None
+                or (info.purge_seq is not None and info.purge_seq != self.marks.purge_seq)
+                or (info.instance is not None and self.marks.instance is None))
+
+    async def _check_database(
+        self, conn: psycopg.AsyncConnection, since: str, *, fresh: bool = False,
+        caught_up: bool = False,
+    ) -> str:
+        """Is the database still the one the checkpoint belongs to, are its purges applied, is
+        a verify owed? Returns where to read from next ("0" after a recreated database).
+        fresh: nothing was ever read from this source (purges before now need nothing)."""
+        info = await self._db_info()
+        reason = self._recreated(since, info)
+        if reason is not None:
+            return await self._restart(conn, reason, info)
+        marks = self.marks
+        if fresh or (marks.instance is None and info.instance is not None):
+            # First sight of this database (or of a release that records it).
+            marks = replace(marks, instance=info.instance,
+                            purge_seq=info.purge_seq if fresh else marks.purge_seq)
+            await self.store.set_marks(conn, self.name, marks)
+            self.marks = marks
+        from chtsync import verify  # verify imports this module
+
+        try:
+            if info.purge_seq is not None and info.purge_seq != marks.purge_seq:
+                await self._apply_purges(conn, info)
+            if caught_up and self.marks.verify_due:
+                await self._owed_verify(conn)
+        except verify.Stopped:
+            raise Stopped from None
         return since
 
-    async def _restart(self, conn: psycopg.AsyncConnection, reason: str) -> str:
+    async def _apply_purges(self, conn: psycopg.AsyncConnection, info: DbInfo) -> None:
+        """Purges never appear in _changes: re-read the purged ids' current state (a purged
+        conflict leaf leaves the document, maybe with another winner) and write it with
+        compare-and-set; documents CouchDB no longer knows become tombstones. When more purges
+        happened than CouchDB remembers, a full verify --repair is owed instead."""
+        from chtsync.verify import SourceVerifier  # verify imports this module
+
+        done, now = seq_number(self.marks.purge_seq) or 0, seq_number(info.purge_seq) or 0
+        limit = await self._until_stopped(self.client.purged_infos_limit(self.db), None)
+        ids = await self._until_stopped(self.client.purged_ids(self.db), None)
+        if limit is None or ids is None:
+            raise Stopped
+        marks = replace(self.marks, purge_seq=info.purge_seq)
+        if now - done > limit:
+            # CouchDB keeps at least the latest `limit` purges per shard: beyond that some may
+            # be forgotten, and only a full comparison finds their documents.
+            marks.verify_due = (f"{now - done} purges since the last check, more than CouchDB"
+                                f" remembers (_purged_infos_limit {limit})")
+            log.warning("source=%s %s: verify owed", self.name, marks.verify_due)
+        elif ids:
+            verifier = SourceVerifier(self.cfg, conn, self.client, self.db, stop=self.stop)
+            diffs = await verifier.current(ids)
+            written, refused = await verifier.repair(diffs) if diffs else (0, 0)
+            log.info("purges source=%s purged_infos=%d rows_changed=%d refused=%d",
+                     self.name, len(ids), written, refused)
+        await self.store.set_marks(conn, self.name, marks)
+        self.marks = marks
+
+    async def _owed_verify(self, conn: psycopg.AsyncConnection) -> None:
+        """The verify --repair a recreated database or lost purges asked for, run now that the
+        feed is caught up (the feed waits meanwhile); the debt is cleared only when it ran."""
+        from chtsync.verify import repair_source  # verify imports this module
+
+        log.info("verify source=%s: %s", self.name, self.marks.verify_due)
+        report = await repair_source(self.cfg, conn, self.client, self.db, self.stop)
+        if report.error:
+            raise CouchError(f"owed verify of {self.name} failed: {report.error}")
+        marks = replace(self.marks, verify_due=None)
+        await self.store.set_marks(conn, self.name, marks)
+        self.marks = marks
+
+    async def _restart(self, conn: psycopg.AsyncConnection, reason: str, info: DbInfo | None = None) -> str:
+        """Read a recreated database from 0; rows it no longer has are found by a verify,
+        owed from now on and run once caught up."""
         log.warning("resync source=%s from 0: %s; existing rows are kept", self.name, reason)
         self._count_error("rewind")
-        await self.store.reset_checkpoint(conn, self.name, f"resync from 0: {reason}")
-        self.resync = True
+        info = info or await self._db_info()
+        marks = SourceMarks(instance=info.instance, purge_seq=info.purge_seq,
+                            verify_due=f"resync from 0: {reason}")
+        await self.store.reset_checkpoint(conn, self.name, f"resync from 0: {reason}", marks)
+        self.marks = marks
         return "0"
 
     async def _until_stopped(self, coro: Awaitable[T], timeout: float | None) -> T | None:

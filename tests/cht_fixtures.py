@@ -31,7 +31,7 @@ def ts(seconds: float) -> dt.datetime:
 
 class Feed:
     """Writes documents the way the sync engine does: a CouchDB _changes page per call, through
-    chtsync_ingest_v1, with revisions that grow per document so edits replace older rows."""
+    chtsync_ingest_v2, with revisions that grow per document so edits replace older rows."""
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self.conn = conn
@@ -46,7 +46,7 @@ class Feed:
     def _page(self, source: str, results: list[dict[str, Any]]) -> None:
         page = {"results": results, "last_seq": str(results[-1]["seq"]) if results else "0"}
         row = self.conn.execute(
-            "SELECT * FROM chtsync_ingest_v1('v1.couchdb'::regclass, %s, %s::jsonb, 1000)",
+            "SELECT * FROM chtsync_ingest_v2('v1.couchdb'::regclass, %s, %s::jsonb, 1000)",
             (source, json.dumps(page)),
         ).fetchone()
         assert row is not None and row[3] == len(results), row

@@ -77,16 +77,16 @@ def pouch_server() -> Iterator[PouchServer]:
 def couchdb_server() -> Iterator[CouchDBServer | ExternalCouchDB]:
     """The real Apache CouchDB 3 of the whole test run.
 
-    The release from ../shared/couchdb/ when present, else CHTSYNC_TEST_COUCHDB_URL (any CouchDB 3,
-    e.g. in Docker: http://admin:pass@127.0.0.1:5984), else skip; under CI=true a missing CouchDB
-    fails instead of skipping.
+    CHTSYNC_TEST_COUCHDB_URL when set (any CouchDB 3 you run, e.g. in Docker:
+    http://admin:pass@127.0.0.1:5984), else the release from ../shared/couchdb/ started on a free
+    loopback port, else skip; under CI=true a missing CouchDB fails instead of skipping.
     """
-    if COUCHDB_TARBALL.exists():
+    if os.environ.get("CHTSYNC_TEST_COUCHDB_URL"):
+        server: CouchDBServer | ExternalCouchDB = ExternalCouchDB(os.environ["CHTSYNC_TEST_COUCHDB_URL"]).start()
+    elif COUCHDB_TARBALL.exists():
         server = CouchDBServer().start()
-    elif os.environ.get("CHTSYNC_TEST_COUCHDB_URL"):
-        server = ExternalCouchDB(os.environ["CHTSYNC_TEST_COUCHDB_URL"])
     else:
-        reason = (f"no real CouchDB: {COUCHDB_TARBALL} is absent and CHTSYNC_TEST_COUCHDB_URL is unset")
+        reason = f"no real CouchDB: {COUCHDB_TARBALL} is absent and CHTSYNC_TEST_COUCHDB_URL is unset"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)

@@ -23,12 +23,23 @@ from chtsync.localservers import PouchDBServer, free_port
 ROOT = Path(__file__).resolve().parent.parent
 POUCHDB_BIN = ROOT / "node_modules" / ".bin" / "pouchdb-server"
 ADMIN = ("admin", "s3cret-Pa55")
-# The Apache CouchDB release built for these machines (see ../shared/couchdb/README.md); another
-# location with CHTSYNC_TEST_COUCHDB_TARBALL. Absent: tests use CHTSYNC_TEST_COUCHDB_URL, else skip.
-COUCHDB_TARBALL = Path(os.environ.get(
-    "CHTSYNC_TEST_COUCHDB_TARBALL",
-    ROOT.parent / "shared" / "couchdb" / "couchdb-3.4.3-debian12-x86_64.tar.gz",
-))
+COUCHDB_RELEASE = "couchdb-3.4.3-debian12-x86_64.tar.gz"
+
+
+def _find_tarball() -> Path:
+    """The Apache CouchDB release built for these machines (see ../shared/couchdb/README.md).
+
+    CHTSYNC_TEST_COUCHDB_TARBALL names another copy; otherwise `shared/couchdb/` beside the
+    checkout or beside any folder above it (a git worktree lives deeper than the main checkout).
+    """
+    if os.environ.get("CHTSYNC_TEST_COUCHDB_TARBALL"):
+        return Path(os.environ["CHTSYNC_TEST_COUCHDB_TARBALL"])
+    candidates = [p / "shared" / "couchdb" / COUCHDB_RELEASE for p in ROOT.parents]
+    return next((c for c in candidates if c.exists()), candidates[0])
+
+
+# Absent: tests use CHTSYNC_TEST_COUCHDB_URL, else skip (fail under CI=true).
+COUCHDB_TARBALL = _find_tarball()
 
 
 class PouchServer(PouchDBServer):
@@ -117,6 +128,19 @@ class ExternalCouchDB:
         parsed = httpx.URL(url)
         self.url = str(parsed.copy_with(username=None, password=None)).rstrip("/")
         self.auth = (parsed.username or ADMIN[0], parsed.password or ADMIN[1])
+        self.host = parsed.host
+        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
+
+    def start(self) -> ExternalCouchDB:
+        """Fail in one line when the named server does not answer as an admin."""
+        try:
+            r = httpx.get(self.url + "/_session", auth=self.auth, timeout=10)
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"CHTSYNC_TEST_COUCHDB_URL {self.url} is unreachable: {exc}") from None
+        if r.status_code != 200 or "_admin" not in r.json().get("userCtx", {}).get("roles", []):
+            raise RuntimeError(f"CHTSYNC_TEST_COUCHDB_URL {self.url}: the URL's user is not a server admin"
+                               f" (HTTP {r.status_code}); put an admin in it: http://admin:pass@host:5984")
+        return self
 
     def client(self) -> CouchAdmin:
         return CouchAdmin(self.url, self.auth)

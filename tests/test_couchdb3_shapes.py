@@ -54,10 +54,36 @@ class FakeCouch:
     asked: list[tuple[str, bool]] = field(default_factory=list)
     longpoll_page: dict | None = None
 
+    def docs(self) -> dict[str, dict]:
+        """Each document's last state over the recorded pages."""
+        return {c["id"]: c["doc"] for page in self.pages.values() for c in page["results"]}
+
+    def all_docs(self, request: httpx.Request) -> httpx.Response:
+        """_all_docs as CouchDB answers it: live documents by id, or the given keys."""
+        docs = self.docs()
+        if request.method == "POST":
+            with_docs = request.url.params.get("include_docs") == "true"
+            rows = []
+            for k in json.loads(request.content)["keys"]:
+                if k not in docs:
+                    rows.append({"key": k, "error": "not_found"})
+                    continue
+                gone = bool(docs[k].get("_deleted"))
+                row = {"id": k, "key": k, "value": {"rev": docs[k]["_rev"], **({"deleted": True} if gone else {})}}
+                if with_docs:
+                    row["doc"] = None if gone else docs[k]
+                rows.append(row)
+        else:
+            rows = [{"id": k, "key": k, "value": {"rev": d["_rev"]}}
+                    for k, d in sorted(docs.items()) if not d.get("_deleted")]
+        return httpx.Response(200, json={"total_rows": len(rows), "offset": 0, "rows": rows})
+
     def handler(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/medic":
             return httpx.Response(200, json={"db_name": "medic", "update_seq": self.update_seq,
                                              "doc_count": 2, "doc_del_count": 1})
+        if request.url.path == "/medic/_all_docs":  # the verify a foreign seq makes owed
+            return self.all_docs(request)
         assert request.url.path == "/medic/_changes"
         params = request.url.params
         assert params["include_docs"] == "true" and params["seq_interval"] == params["limit"]
@@ -119,6 +145,9 @@ def test_malformed_since_restarts_from_zero(dbname: str, pg: psycopg.Connection)
     assert progress(pg) == (SEQ_B, 0)
     reasons = [r[0] for r in pg.execute("SELECT reason FROM chtsync_errors")]
     assert any("refused the stored seq" in r for r in reasons)
+    # The checkpoint came from another database: once caught up, the follower verified.
+    assert pg.execute("SELECT equal, verify_due FROM chtsync_verify JOIN chtsync_sources USING (source)"
+                      ).fetchone() == (True, None)
 
 
 def test_longpoll_when_caught_up_and_empty_timeout_pages(dbname: str, pg: psycopg.Connection) -> None:

@@ -632,12 +632,11 @@ def test_image_build_steps_replayed(tmp_path: Path) -> None:
     assert "db.example.org" in text and "pw-Secret" not in text  # password masked
 
 
-def test_couchdb_init_creates_the_databases(pouch_server: Any, couch: Any) -> None:
-    from tests.servers import ADMIN
-
+def test_couchdb_init_creates_the_databases(couch_server: Any, couch: Any) -> None:
+    user, password = couch_server.auth
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("COUCHDB_", "POSTGRES_", "CHTSYNC_"))},
-        "COUCHDB_URL": pouch_server.url, "COUCHDB_USER": ADMIN[0], "COUCHDB_PASSWORD": ADMIN[1],
+        "COUCHDB_URL": couch_server.url, "COUCHDB_USER": user, "COUCHDB_PASSWORD": password,
         "COUCHDB_DBS": "dockerinit-a dockerinit-b", "CHTSYNC_CONFIG": str(ROOT / "config.yaml"),
     }
     script = ROOT / "docker" / "couchdb_init.py"
@@ -645,7 +644,7 @@ def test_couchdb_init_creates_the_databases(pouch_server: Any, couch: Any) -> No
         proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert ADMIN[1] not in proc.stdout + proc.stderr
+        assert password not in proc.stdout + proc.stderr
     assert "exists" in proc.stdout
     dbs = set(couch.http.get("/_all_dbs").json())
     assert {"dockerinit-a", "dockerinit-b", "_users", "_replicator"} <= dbs

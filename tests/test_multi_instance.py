@@ -1,5 +1,6 @@
-"""Several CHT instances in one process: config.yaml `sources:`, two pouchdb-server instances,
-one raw table kept apart by `source`, every instance visible in the models."""
+"""Several CHT instances in one process: config.yaml `sources:`, two CouchDB servers (the session's
+CouchDB 3.4 and a second one of its own), one raw table kept apart by `source`, every instance
+visible in the models."""
 
 from __future__ import annotations
 
@@ -13,21 +14,22 @@ import yaml
 from chtsync import config as config_mod
 from chtsync import db, pipeline
 from tests.conftest import PG_HOST, PG_PORT, PG_USER
-from tests.servers import ADMIN, CouchAdmin, PouchServer
+from tests.servers import CouchAdmin, CouchDBServer, PouchServer
 from tests.syncutil import assert_equal, sync_once
 
 
 @pytest.fixture
-def second_server() -> Iterator[PouchServer]:
-    server = PouchServer().start()
+def second_server(couchdb_server) -> Iterator[CouchDBServer | PouchServer]:
+    """A second CHT instance: another real CouchDB when the release is here (an external
+    CHTSYNC_TEST_COUCHDB_URL gives only one), else pouchdb-server."""
+    server = CouchDBServer() if isinstance(couchdb_server, CouchDBServer) else PouchServer()
+    server.start()
     yield server
     server.close()
 
 
-@pytest.mark.parametrize("couch_impl", ["pouchdb"])  # TODO(issue 12): make it pass on the real CouchDB
 def test_two_cht_instances_into_one_table(
-    pg: psycopg.Connection, dbname: str, couch: CouchAdmin, pouch_server: PouchServer,
-    second_server: PouchServer, tmp_path: Path,
+    pg: psycopg.Connection, dbname: str, couch: CouchAdmin, couch_server, second_server, tmp_path: Path,
 ) -> None:
     north, south = couch, second_server.client()
     for server, prefix in ((north, "n"), (south, "s")):
@@ -39,12 +41,12 @@ def test_two_cht_instances_into_one_table(
         # The same _id on both instances (CHT's settings doc is in every medic database).
         server.put("medic", {"_id": "settings", "type": "settings", "instance": prefix})
         server.put("medic-users-meta", {"_id": f"{prefix}-fb", "type": "feedback"})
-    (tmp_path / "south-password").write_text(ADMIN[1] + "\n")
+    (tmp_path / "south-password").write_text(second_server.auth[1] + "\n")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
         "sources": [
-            {"url": pouch_server.url, "user": ADMIN[0], "password": ADMIN[1],
+            {"url": couch_server.url, "user": couch_server.auth[0], "password": couch_server.auth[1],
              "dbs": ["medic", "medic-users-meta"], "instance": "north.cht.org"},
-            {"host": "127.0.0.1", "port": second_server.port, "secure": False, "user": ADMIN[0],
+            {"host": "127.0.0.1", "port": second_server.port, "secure": False, "user": second_server.auth[0],
              "password_file": str(tmp_path / "south-password"), "dbs": "medic, medic-users-meta",
              "instance": "south.cht.org"},
         ],
@@ -54,7 +56,7 @@ def test_two_cht_instances_into_one_table(
     cfg = config_mod.load(tmp_path / "config.yaml", env={})
     assert [(s.instance, s.dbs) for s in cfg.sources] == [
         ("north.cht.org", ("medic", "medic-users-meta")), ("south.cht.org", ("medic", "medic-users-meta"))]
-    assert cfg.sources[1].password == ADMIN[1]
+    assert cfg.sources[1].password == second_server.auth[1]
 
     stats = sync_once(cfg)
     assert sorted((s.source, s.state) for s in stats) == [

@@ -32,7 +32,7 @@ MEDIC = "host/medic"
 
 
 class Docs:
-    """Writes documents as the sync engine does: a _changes page through chtsync_ingest_v1."""
+    """Writes documents as the sync engine does: a _changes page through chtsync_ingest_v2."""
 
     def __init__(self, conn: psycopg.Connection, table: str = "v1.couchdb") -> None:
         self.conn = conn
@@ -44,7 +44,7 @@ class Docs:
         self.seq += 1
         page = {"results": results, "last_seq": str(self.seq)}
         (conn or self.conn).execute(
-            "SELECT * FROM chtsync_ingest_v1(%s::regclass, %s, %s::jsonb, 1000)",
+            "SELECT * FROM chtsync_ingest_v2(%s::regclass, %s, %s::jsonb, 1000)",
             (self.table, source, json.dumps(page)))
 
     def _rev(self, source: str, doc_id: str) -> str:

@@ -207,7 +207,7 @@ def ingest_sample(pg: psycopg.Connection, n: int, seed: int, end_ms: int) -> Cou
         for _, page in _changes_pages(docs, 1):
             with pg.transaction():
                 row = pg.execute(
-                    "SELECT * FROM chtsync_ingest_v1('v1.couchdb'::regclass, %s, %s::jsonb, %s)",
+                    "SELECT * FROM chtsync_ingest_v2('v1.couchdb'::regclass, %s, %s::jsonb, %s)",
                     (f"localhost/{couch_db}", json.dumps(page), PAGE),
                 ).fetchone()
             written[couch_db] += row[3]

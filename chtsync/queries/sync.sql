@@ -1,15 +1,16 @@
 -- Named queries of the sync engine (loaded by chtsync.queries).
 
 -- name: ingest_page
--- One _changes page: (table, source, page body, page size asked, checkpoint?, force?).
+-- One _changes page: (table, source, page body, page size asked, checkpoint?).
 SELECT last_seq, pending, changes, written
-FROM chtsync_ingest_v1(%s::regclass, %s, %s::jsonb, %s, %s, %s)
+FROM chtsync_ingest_v2(%s::regclass, %s, %s::jsonb, %s, %s)
 
 -- name: record_error
 INSERT INTO chtsync_errors (source, _id, seq, reason, raw) VALUES (%s, %s, %s, %s, %s)
 
 -- name: get_checkpoint
-SELECT p.seq, coalesce(s.resync, false)
+-- (seq, database instance, purge_seq applied, why a verify is owed) of one source.
+SELECT p.seq, s.couch_instance, s.purge_seq, s.verify_due
 FROM (SELECT %(source)s AS source) AS q
 LEFT JOIN couchdb_progress p USING (source)
 LEFT JOIN chtsync_sources s USING (source)
@@ -17,12 +18,14 @@ LEFT JOIN chtsync_sources s USING (source)
 -- name: reset_checkpoint
 UPDATE couchdb_progress SET seq = '0', pending = NULL, updated_at = now() WHERE source = %(source)s
 
--- name: start_resync
-INSERT INTO chtsync_sources AS s (source, state, resync) VALUES (%(source)s, 'catching up', true)
-ON CONFLICT (source) DO UPDATE SET resync = true
-
--- name: end_resync
-UPDATE chtsync_sources SET resync = false WHERE source = %(source)s AND resync
+-- name: set_source_marks
+-- Which database the checkpoint belongs to and which purges are applied (see migrations/0008).
+INSERT INTO chtsync_sources AS s (source, state, couch_instance, purge_seq, verify_due)
+VALUES (%(source)s, 'catching up', %(instance)s, %(purge_seq)s, %(verify_due)s)
+ON CONFLICT (source) DO UPDATE SET
+    couch_instance = excluded.couch_instance,
+    purge_seq = excluded.purge_seq,
+    verify_due = excluded.verify_due
 
 -- name: try_source_lock
 -- Held for as long as this session follows the source: the lock is the lease.

@@ -37,18 +37,20 @@ WHERE (s.id IS NULL AND NOT t._deleted)
    OR (s.id IS NOT NULL AND (t._deleted OR t.rev IS DISTINCT FROM s.rev))
 
 -- name: verify_rows
--- What Postgres holds now for some ids.
-SELECT _id, coalesce(_rev, doc ->> '_rev'), _deleted
+-- What Postgres holds now for some ids, and the _xid a compare-and-set repair checks.
+SELECT _id, coalesce(_rev, doc ->> '_rev'), _deleted, _xid::text
 FROM {table} WHERE source = %s AND _id = ANY(%s::text[])
 
 -- name: verify_repair_page
--- An _all_docs?include_docs response written through the ingest: never over a newer revision
--- (p_force = false), never moving the checkpoint (p_checkpoint = false).
+-- An _all_docs?include_docs response written through the ingest, compare-and-set: only rows
+-- whose _xid is still the one verify read ({id: xid|null}), never moving the checkpoint.
 SELECT written
-FROM chtsync_ingest_v1(%s::regclass, %s, chtsync_all_docs_to_changes_v1(%s::jsonb), NULL, false, false)
+FROM chtsync_ingest_v2(%s::regclass, %s, chtsync_all_docs_to_changes_v1(%s::jsonb), NULL, false,
+                       %s::jsonb)
 
 -- name: verify_mark_vanished
-SELECT chtsync_mark_vanished_v1(%s::regclass, %s, %s::jsonb)
+-- [[id, xid read|null], ...]: compare-and-set as above.
+SELECT chtsync_mark_vanished_v2(%s::regclass, %s, %s::jsonb)
 
 -- name: verify_try_lock
 -- Only one replica verifies at a time.

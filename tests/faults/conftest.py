@@ -1,4 +1,5 @@
-"""The fault-injection suite prints one table at the end: fault, documents, recovery, lost, duplicated."""
+"""The fault-injection suite prints one table at the end: a row per fault, a column per server
+(documents, recovery time, lost, duplicated, refused)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import pytest
 from tests.servers import CouchAdmin
 from tests.syncutil import pg_state
 
-RESULTS: list[FaultResult] = []
+SERVERS = {"couchdb": "CouchDB 3.4.3", "pouchdb": "pouchdb-server 4.2"}
+# (fault, server kind) -> result, in the order the faults ran.
+RESULTS: dict[tuple[str, str], FaultResult] = {}
 
 
 @dataclass
 class FaultResult:
     fault: str
+    server: str
     documents: int
     recovered_s: float
     lost: int
@@ -40,24 +44,42 @@ def measure(pg: psycopg.Connection, couch: CouchAdmin, db: str, source: str) -> 
 
 
 @pytest.fixture
-def fault_report():
+def fault_report(couch_impl: str):
+    """record(fault, ...) measures Postgres against CouchDB and files the result under the test's server."""
+
     def record(fault: str, pg: psycopg.Connection, couch: CouchAdmin, db: str, source: str,
                recovered_s: float) -> FaultResult:
         documents, lost, duplicated, refused = measure(pg, couch, db, source)
-        result = FaultResult(fault, documents, recovered_s, lost, duplicated, refused)
-        RESULTS.append(result)
+        result = FaultResult(fault, couch_impl, documents, recovered_s, lost, duplicated, refused)
+        RESULTS[(fault, couch_impl)] = result
         return result
 
     return record
 
 
+def table() -> list[str]:
+    """The fault table as text lines: one row per fault, one column group per server."""
+    servers = [k for k in SERVERS if any(s == k for _, s in RESULTS)]
+    faults = list(dict.fromkeys(f for f, _ in RESULTS))
+    width = max(len(f) for f in faults)
+    cell = "{:>6} {:>9} {:>4} {:>4} {:>4}"
+    head1 = " " * width + "".join(f" | {SERVERS[s]:<32}" for s in servers)
+    head2 = f"{'fault':<{width}}" + "".join(
+        " | " + cell.format("docs", "recovered", "lost", "dup", "ref") for _ in servers)
+    lines = [head1, head2]
+    for fault in faults:
+        row = f"{fault:<{width}}"
+        for s in servers:
+            r = RESULTS.get((fault, s))
+            row += " | " + (cell.format(r.documents, f"{r.recovered_s:.1f} s", r.lost, r.duplicated, r.refused)
+                            if r else f"{'-':>6}{'':<26}")
+        lines.append(row)
+    return lines
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if not RESULTS:
         return
-    tr = terminalreporter
-    tr.section("fault injection")
-    tr.write_line(f"{'fault':<58} {'documents':>9} {'recovered in':>12} {'lost':>5} {'duplicated':>10}"
-                  f" {'refused':>8}")
-    for r in RESULTS:
-        tr.write_line(f"{r.fault:<58} {r.documents:>9} {r.recovered_s:>10.1f} s {r.lost:>5} {r.duplicated:>10}"
-                      f" {r.refused:>8}")
+    terminalreporter.section("fault injection")
+    for line in table():
+        terminalreporter.write_line(line)

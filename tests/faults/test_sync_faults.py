@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import psycopg
+import pytest
 
 from tests.conftest import PG_HOST, PG_PORT
-from tests.servers import ADMIN, CouchAdmin, TcpProxy, free_port
+from tests.servers import ADMIN, CouchAdmin, CouchDBServer, TcpProxy, free_port
 from tests.syncutil import BackgroundSync, assert_equal, pg_state, sync_once, wait_until
 
 
@@ -37,11 +39,17 @@ def count(pg: psycopg.Connection) -> int:
     return pg.execute("SELECT count(*) FROM couchdb").fetchone()[0]
 
 
-def test_kill_9_mid_sync_then_restart(couch: CouchAdmin, pouch_server, dbname: str, pg: psycopg.Connection,
+def compacted(couch: CouchAdmin, db: str) -> bool:
+    """Compaction has finished (pouchdb-server compacts at once and reports no `compact_running`)."""
+    return not couch.http.get(f"/{db}").json().get("compact_running", False)
+
+
+@pytest.mark.both_servers
+def test_kill_9_mid_sync_then_restart(couch: CouchAdmin, couch_server, dbname: str, pg: psycopg.Connection,
                                       fault_report) -> None:
     n = 8000
     load(couch, "medic", n)
-    env = chtsync_env(pouch_server.url, dbname, BATCH_SIZE="100")
+    env = chtsync_env(couch_server.url, dbname, BATCH_SIZE="100")
     for kills in range(1, 4):
         proc = subprocess.Popen([sys.executable, "-m", "chtsync", "sync"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -61,18 +69,19 @@ def test_kill_9_mid_sync_then_restart(couch: CouchAdmin, pouch_server, dbname: s
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert assert_equal(pg, couch, "medic", "127.0.0.1/medic") == n
-    r = fault_report(f"kill -9 during initial sync (x{kills}), restart", pg, couch, "medic", "127.0.0.1/medic",
-                     time.monotonic() - t)
+    r = fault_report("kill -9 of chtsync during initial sync (up to x3), restart", pg, couch, "medic",
+                     "127.0.0.1/medic", time.monotonic() - t)
     assert (r.lost, r.duplicated) == (0, 0)
     assert pg.execute("SELECT count(*) FROM chtsync_errors").fetchone()[0] == 0
 
 
+@pytest.mark.both_servers
 def test_couchdb_and_postgres_connections_cut_mid_stream(
-    couch: CouchAdmin, pouch_server, cfg_factory, pg: psycopg.Connection, fault_report
+    couch: CouchAdmin, couch_server, cfg_factory, pg: psycopg.Connection, fault_report
 ) -> None:
     n = 6000
     load(couch, "medic", n)
-    couch_proxy = TcpProxy("127.0.0.1", pouch_server.port)
+    couch_proxy = TcpProxy(getattr(couch_server, "host", "127.0.0.1"), couch_server.port)
     pg_proxy = TcpProxy(PG_HOST, PG_PORT)
     cfg = cfg_factory("medic", url=f"http://127.0.0.1:{couch_proxy.port}",
                       POSTGRES_PORT=str(pg_proxy.port), BATCH_SIZE="200")
@@ -98,7 +107,7 @@ def test_couchdb_and_postgres_connections_cut_mid_stream(
         assert cuts >= 4
         assert stats.errors.get("couchdb", 0) + stats.errors.get("postgres", 0) >= 1
         assert assert_equal(pg, couch, "medic", "127.0.0.1/medic") == n
-        fault_report(f"CouchDB and Postgres connections reset mid-stream (x{cuts})", pg, couch, "medic",
+        fault_report("CouchDB and Postgres connections reset mid-stream (x4-6)", pg, couch, "medic",
                      "127.0.0.1/medic", recovered)
     finally:
         couch_proxy.close()
@@ -110,12 +119,15 @@ def test_resume_after_clean_stop_sends_stored_seq(couch: CouchAdmin, cfg_factory
     cfg = cfg_factory("medic", BATCH_SIZE="100")
     sync_once(cfg)
     seq = pg.execute("SELECT seq FROM couchdb_progress").fetchone()[0]
-    assert seq == "500"
+    # The stored seq is CouchDB's own (opaque) and covers everything: nothing comes after it.
+    after = couch.http.get("/medic/_changes", params={"since": seq}).json()
+    assert after["results"] == [] and after["last_seq"] == seq
     couch.put("medic", {"_id": "late", "type": "person"})
     (stats,) = sync_once(cfg)
     assert stats.docs_written == 1 and stats.pages == 1
 
 
+@pytest.mark.both_servers
 def test_database_recreated_with_other_documents_then_verify_repair(
     couch: CouchAdmin, cfg_factory, pg: psycopg.Connection, fault_report
 ) -> None:
@@ -142,12 +154,13 @@ def test_database_recreated_with_other_documents_then_verify_repair(
                  "127.0.0.1/medic", time.monotonic() - t)
 
 
-def test_couchdb_down_then_back(couch: CouchAdmin, pouch_server, cfg_factory, pg: psycopg.Connection,
+@pytest.mark.both_servers
+def test_couchdb_down_then_back(couch: CouchAdmin, couch_server, cfg_factory, pg: psycopg.Connection,
                                 fault_report) -> None:
     """CouchDB stops answering (connections refused) while changes keep happening, then returns.
-    The proxy stands for the server: pouchdb-server keeps its data only in memory."""
+    The proxy stands for the server here; test_couchdb_killed_mid_sync_and_restarted kills a real one."""
     load(couch, "medic", 2000)
-    proxy = TcpProxy("127.0.0.1", pouch_server.port)
+    proxy = TcpProxy(getattr(couch_server, "host", "127.0.0.1"), couch_server.port)
     cfg = cfg_factory("medic", url=f"http://127.0.0.1:{proxy.port}", BATCH_SIZE="200")
     try:
         with BackgroundSync(cfg) as bg:
@@ -157,7 +170,6 @@ def test_couchdb_down_then_back(couch: CouchAdmin, pouch_server, cfg_factory, pg
             wait_until(lambda: bg.stats()[0].state == "retrying", timeout=30, what="retrying reported")
             assert "unreachable" in (bg.stats()[0].reason or "")
             couch.bulk("medic", [{"_id": f"while-down{i}", "type": "person"} for i in range(100)])
-            time.sleep(2)
             proxy.refusing = False
             t = time.monotonic()
             wait_until(lambda: count(pg) == 2100, timeout=90, what="recovery after CouchDB came back")
@@ -168,6 +180,74 @@ def test_couchdb_down_then_back(couch: CouchAdmin, pouch_server, cfg_factory, pg
         assert (r.lost, r.duplicated) == (0, 0)
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def own_couchdb(couchdb_server) -> Iterator[CouchDBServer]:
+    """A CouchDB of this test's own, which it may kill: never the session's shared one."""
+    if not isinstance(couchdb_server, CouchDBServer):
+        pytest.skip("killing CouchDB needs the release tarball (CHTSYNC_TEST_COUCHDB_URL names a server"
+                    " this suite must not kill)")
+    server = CouchDBServer().start()
+    yield server
+    server.close()
+
+
+def test_couchdb_killed_mid_sync_and_restarted(own_couchdb: CouchDBServer, cfg_factory, pg: psycopg.Connection,
+                                               fault_report) -> None:
+    """kill -9 of the CouchDB server mid-sync, then a start on the same data dir (same port)."""
+    couch = own_couchdb.client()
+    n = 8000
+    load(couch, "medic", n)
+    cfg = cfg_factory("medic", url=own_couchdb.url, BATCH_SIZE="200")
+    with BackgroundSync(cfg) as bg:
+        wait_until(lambda: count(pg) >= 1000, timeout=60, what="first pages")
+        own_couchdb.kill()
+        wait_until(lambda: bg.stats()[0].state == "retrying", timeout=30, what="retrying reported")
+        assert count(pg) < n
+        own_couchdb.start()
+        t = time.monotonic()
+        # Life goes on after the restart: an edit, a delete, new documents.
+        doc = couch.get("medic", "doc000010")
+        doc["edited"] = True
+        couch.put("medic", doc)
+        couch.delete("medic", "doc000011")
+        couch.bulk("medic", [{"_id": f"after{i}", "type": "person"} for i in range(100)])
+        wait_until(lambda: pg_state(pg, "127.0.0.1/medic") == couch.state("medic"), timeout=120,
+                   what="Postgres equal to the restarted CouchDB")
+        recovered = time.monotonic() - t
+        assert bg.stats()[0].errors.get("couchdb", 0) >= 1
+    assert assert_equal(pg, couch, "medic", "127.0.0.1/medic") == n + 100
+    r = fault_report("CouchDB killed (kill -9) mid-sync, restarted on its data", pg, couch, "medic",
+                     "127.0.0.1/medic", recovered)
+    assert (r.lost, r.duplicated) == (0, 0)
+
+
+@pytest.mark.both_servers
+def test_database_compacted_during_sync(couch: CouchAdmin, cfg_factory, pg: psycopg.Connection,
+                                        fault_report) -> None:
+    n = 6000
+    load(couch, "medic", n)
+    # Old revisions for compaction to drop.
+    docs = couch.http.get("/medic/_all_docs", params={"include_docs": "true", "limit": 2000}).json()["rows"]
+    couch.bulk("medic", [{**r["doc"], "edited": 1} for r in docs])
+    with BackgroundSync(cfg_factory("medic", BATCH_SIZE="200")):
+        wait_until(lambda: count(pg) >= 1000, timeout=60, what="first pages")
+        assert count(pg) < n
+        r = couch.http.post("/medic/_compact")
+        assert r.status_code == 202, r.text
+        # Writes keep landing while the compaction runs.
+        couch.bulk("medic", [{"_id": f"during{i}", "type": "person"} for i in range(200)])
+        couch.delete("medic", "doc000001")
+        t = time.monotonic()
+        wait_until(lambda: compacted(couch, "medic"), timeout=120, what="compaction finished")
+        wait_until(lambda: pg_state(pg, "127.0.0.1/medic") == couch.state("medic"), timeout=120,
+                   what="Postgres equal to the compacted database")
+        recovered = time.monotonic() - t
+    assert assert_equal(pg, couch, "medic", "127.0.0.1/medic") == n + 200
+    r = fault_report("database compacted (POST /db/_compact) during the sync", pg, couch, "medic",
+                     "127.0.0.1/medic", recovered)
+    assert (r.lost, r.duplicated) == (0, 0)
 
 
 def test_sync_once_gives_up_on_an_unreachable_couchdb(cfg_factory, dbname: str) -> None:
