@@ -5,8 +5,8 @@
 #   docker run --rm --env-file .env chtsync status                            # any other command
 #
 # Configuration: environment variables (CHT Sync's names, see .env.example) win over
-# /app/config.yaml. Mount your own config.yaml or models over the baked-in ones:
-#   -v ./config.yaml:/app/config.yaml:ro   -v ./my-models:/app/sql:ro   (or CHTSYNC_MODELS=/path)
+# /app/config.yaml. Mount your own config.yaml, or models beside the shipped ones:
+#   -v ./config.yaml:/app/config.yaml:ro   -v ./my-models:/models:ro -e CHTSYNC_MODELS=/models/models.yaml
 # See docs/docker.md.
 
 FROM python:3.11-slim-bookworm
@@ -21,28 +21,26 @@ RUN groupadd --system --gid 10001 chtsync \
     && useradd --system --uid 10001 --gid chtsync --create-home --home-dir /home/chtsync \
         --shell /usr/sbin/nologin chtsync
 
-# The package and its runtime dependencies only (no test extras): the same `pip install` of this
-# project that .ci/run proves (there as an editable install with [test]). The sources are
-# removed afterwards; the wheel built from them is in site-packages.
+# The package and its runtime dependencies only (no test extras): pip builds the wheel from these
+# sources (migrations, base models and the Superset bundle travel inside it as package resources,
+# chtsync/paths.py) and installs it; the sources are removed afterwards.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY chtsync/ chtsync/
+COPY migrations/ migrations/
+COPY sql/ sql/
+COPY superset/ superset/
 RUN pip install --no-cache-dir . \
     && cd / && rm -rf /src
 
-# CHTSYNC_HOME: where chtsync finds its migrations, the base models, the Superset bundle and
-# config.yaml (chtsync/paths.py). A non-editable install does not carry them, so they live here.
+# Your own config.yaml or models: mount them (docs/docker.md); CHTSYNC_MODELS points at a models file.
 WORKDIR /app
-COPY migrations/ /app/migrations/
-COPY sql/ /app/sql/
-COPY superset/ /app/superset/
 COPY config.yaml /app/config.yaml
 COPY docker/couchdb_init.py /app/docker/couchdb_init.py
 
 # Metrics and health endpoints on by default in the container (chtsync leaves them off when
 # METRICS_PORT is unset); the HEALTHCHECK below needs them.
-ENV CHTSYNC_HOME=/app \
-    CHTSYNC_CONFIG=/app/config.yaml \
+ENV CHTSYNC_CONFIG=/app/config.yaml \
     METRICS_PORT=9090 \
     METRICS_HOST=0.0.0.0
 

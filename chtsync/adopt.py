@@ -12,8 +12,8 @@ are added without volatile defaults, indexes are built CONCURRENTLY, NOT NULL is
 CHECK validated while reads and writes go on, and the primary key is swapped to a unique index
 built beforehand in one short transaction with a lock_timeout (retried). Every step looks at the
 catalog first, so a second run does nothing and an interrupted run resumes (an INVALID index a
-crash left behind is dropped and built again). dbt's `_dataemon` and `dbt_results` and every
-other object are left as they are and reported.
+crash left behind is dropped and built again). dbt's `_dataemon` and every other object are left
+as they are and reported; `dbt_results` is kept under another name by migrations/0012.
 """
 
 from __future__ import annotations
@@ -184,7 +184,13 @@ def inspect(cfg: Config, conn: psycopg.Connection, legacy_source: str | None = N
         result.raw = raw
         _raw_steps(cfg, conn, result, legacy_source)
     for name, rel in sorted(rels.items()):
-        if name in DBT_TABLES:
+        if name == "dbt_results" and rel.kind == "v":
+            continue  # chtsync's own view (migrations/0012)
+        if name == "dbt_results":
+            # migrations/0012 renames it: CHT Watchdog then reads chtsync's view under this name.
+            result.left_alone.append(f"dbt_results ({DBT_TABLES[name]}, ~{max(rel.rows, 0):,} rows): kept as"
+                                     " dbt_results_cht_sync; chtsync's dbt_results view takes its name")
+        elif name in DBT_TABLES:
             result.left_alone.append(f"{name} ({DBT_TABLES[name]}, ~{max(rel.rows, 0):,} rows): drop it"
                                      " once you no longer need to go back to CHT Sync")
     result.model_conflicts = _model_conflicts(cfg, conn, rels)

@@ -29,6 +29,9 @@ class PageTooLarge(CouchError):
         self.limit = limit
 
 
+DEFAULT_PURGED_INFOS_LIMIT = 1000  # CouchDB's default _purged_infos_limit
+
+
 @dataclass(frozen=True)
 class DbInfo:
     doc_count: int
@@ -200,17 +203,26 @@ class CouchClient:
             purge_seq=None if data.get("purge_seq") is None else str(data["purge_seq"]),
         )
 
-    async def purged_ids(self, db: str) -> list[str]:
+    async def purged_ids(self, db: str) -> list[str] | None:
         """Ids of the purges CouchDB still remembers (`_purged_infos`, the latest
-        `_purged_infos_limit` per shard at least), without duplicates."""
-        data = (await self._get(self._db_path(db) + "/_purged_infos", db)).json()
+        `_purged_infos_limit` per shard at least), without duplicates; None when the server
+        cannot list them (CouchDB before 2.3)."""
+        try:
+            data = (await self._get(self._db_path(db) + "/_purged_infos", db)).json()
+        except (CouchNotFound, CouchBadSince):
+            return None
         infos = data.get("purged_infos") if isinstance(data, dict) else None
         ids = [i["id"] for i in infos or [] if isinstance(i, dict) and isinstance(i.get("id"), str)]
         return list(dict.fromkeys(ids))
 
     async def purged_infos_limit(self, db: str) -> int:
-        value = (await self._get(self._db_path(db) + "/_purged_infos_limit", db)).json()
-        return int(value) if isinstance(value, int) else 1000
+        """How many purges per shard CouchDB remembers. Reading it takes a server admin; a
+        database member gets CouchDB's default, which CHT leaves as it is."""
+        try:
+            value = (await self._get(self._db_path(db) + "/_purged_infos_limit", db)).json()
+        except CouchAuthError:
+            return DEFAULT_PURGED_INFOS_LIMIT
+        return value if isinstance(value, int) and value > 0 else DEFAULT_PURGED_INFOS_LIMIT
 
     async def changes(
         self, db: str, since: str, limit: int, *, longpoll: bool = False, heartbeat_ms: int = 10000,

@@ -46,6 +46,9 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 # recreated database, and purges, which never appear in _changes, are seen within this bound.
 DB_CHECK_SECONDS = 2.0
 PERMANENT_RETRY_SECONDS = 30.0  # wrong credentials / missing database: try again this often
+# While caught up, couchdb_progress.updated_at is refreshed this often without a page: CHT
+# Watchdog reads a source as down when it is more than a minute old.
+PROGRESS_HEARTBEAT_SECONDS = 15.0
 ONCE_MAX_RETRIES = 6  # `sync --once`: consecutive CouchDB failures (~30 s of backoff) before giving up
 RETRY_BASE_SECONDS = 0.5  # first retry after a failure; doubled per consecutive failure
 RETRY_CAP_SECONDS = 30.0
@@ -122,6 +125,7 @@ class Follower:
         self.limit = cfg.batch_size
         self._ahead_limit = self.limit  # the limit the prefetched page was asked with
         self._problems: set[tuple[str, str]] = set()  # unreadable pages recorded: (since, kind)
+        self._progress_touched = 0.0  # monotonic time of the last progress heartbeat
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -319,6 +323,7 @@ class Follower:
                 if body is not None:
                     return body
                 info = await self._db_info()
+                await self._progress_heartbeat(since)
                 if fetch.done() and not fetch.cancelled() and fetch.exception() is None:
                     return fetch.result()
                 if self._needs_look(since, info):
@@ -328,6 +333,15 @@ class Follower:
                 fetch.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await fetch
+
+    async def _progress_heartbeat(self, since: str) -> None:
+        """While caught up, mark the checkpoint fresh (pending 0) every PROGRESS_HEARTBEAT_SECONDS:
+        CHT Watchdog reads a source as down when updated_at is a minute old. Nothing else uses
+        the session while the follower waits on its longpoll."""
+        if time.monotonic() - self._progress_touched < PROGRESS_HEARTBEAT_SECONDS or self._conn is None:
+            return
+        await self._conn.execute(queries.get("touch_progress"), {"source": self.name, "seq": since})
+        self._progress_touched = time.monotonic()
 
     async def _db_info(self) -> DbInfo:
         info = await self._until_stopped(self.client.db_info(self.db), None)
@@ -389,16 +403,16 @@ class Follower:
         from chtsync.verify import SourceVerifier  # verify imports this module
 
         done, now = seq_number(self.marks.purge_seq) or 0, seq_number(info.purge_seq) or 0
-        limit = await self._until_stopped(self.client.purged_infos_limit(self.db), None)
-        ids = await self._until_stopped(self.client.purged_ids(self.db), None)
-        if limit is None or ids is None:
-            raise Stopped
+        limit = await self.client.purged_infos_limit(self.db)
+        ids = await self.client.purged_ids(self.db)
         marks = replace(self.marks, purge_seq=info.purge_seq)
-        if now - done > limit:
+        if ids is None or now - done > limit:
             # CouchDB keeps at least the latest `limit` purges per shard: beyond that some may
             # be forgotten, and only a full comparison finds their documents.
-            marks.verify_due = (f"{now - done} purges since the last check, more than CouchDB"
-                                f" remembers (_purged_infos_limit {limit})")
+            marks.verify_due = (
+                "the server cannot list purges (no _purged_infos)" if ids is None else
+                f"{now - done} purges since the last check, more than CouchDB remembers"
+                f" (_purged_infos_limit {limit})")
             log.warning("source=%s %s: verify owed", self.name, marks.verify_due)
         elif ids:
             verifier = SourceVerifier(self.cfg, conn, self.client, self.db, stop=self.stop)

@@ -13,9 +13,11 @@ from psycopg import sql
 from yoyo import read_migrations
 from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import DatabaseURI
+from yoyo.migrations import MigrationList
 
 from chtsync import adopt, db, paths, preflight, queries
 from chtsync.config import Config
+from chtsync.errors import ConfigError
 
 log = logging.getLogger("chtsync.migrate")
 
@@ -62,9 +64,19 @@ def _ensure_schema(cfg: Config) -> None:
             conn.execute(queries.compose("create_schema", schema=sql.Identifier(cfg.schema)))
 
 
+def _migrations() -> MigrationList:
+    """The migrations chtsync ships; none found means a broken install, never "up to date"."""
+    folder = paths.migrations_dir()
+    found = read_migrations(str(folder)) if folder.is_dir() else []
+    if not found:
+        raise ConfigError(f"no migrations found in {folder}: reinstall chtsync"
+                          " (pip install --force-reinstall chtsync) or unset/fix CHTSYNC_HOME")
+    return found
+
+
 def plan(cfg: Config, legacy_source: str | None = None) -> MigrationPlan:
     """What `apply` would do. Read-only: creates neither the schema nor yoyo's own tables."""
-    ids = [m.id for m in read_migrations(str(paths.migrations_dir()))]
+    ids = [m.id for m in _migrations()]
     with db.connect(cfg, autocommit=True) as conn:
         adoption = adopt.inspect(cfg, conn, legacy_source)
         done: set[str] = set()
@@ -77,6 +89,7 @@ def plan(cfg: Config, legacy_source: str | None = None) -> MigrationPlan:
 def apply(cfg: Config, legacy_source: str | None = None) -> list[str]:
     """Adopt CHT Sync's tables if there are any, apply pending migrations; return their ids.
     Safe to call from several processes."""
+    migrations = _migrations()
     _ensure_schema(cfg)
     with db.connect(cfg, autocommit=True) as lock_conn:
         # Session-level lock: a second process waits here, then finds nothing left to do.
@@ -84,7 +97,6 @@ def apply(cfg: Config, legacy_source: str | None = None) -> list[str]:
         adopt.run(cfg, lock_conn, legacy_source)
         backend = _backend(cfg)
         try:
-            migrations = read_migrations(str(paths.migrations_dir()))
             pending = backend.to_apply(migrations)
             if pending:
                 with backend.lock():

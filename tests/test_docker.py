@@ -443,7 +443,7 @@ def test_dockerfile_shape() -> None:
     assert dict(steps)["CMD"] == '["run"]'
 
     env = env_vars(steps)
-    assert env["CHTSYNC_HOME"] == "/app"
+    assert "CHTSYNC_HOME" not in env  # the wheel carries migrations, models and the bundle
     assert env["CHTSYNC_CONFIG"] == "/app/config.yaml"
     assert env["METRICS_PORT"] == "9090" and env["METRICS_HOST"] == "0.0.0.0"
 
@@ -452,7 +452,7 @@ def test_dockerfile_shape() -> None:
     assert "/healthz" in check and "METRICS_PORT" in check and "curl" not in check
 
 
-def test_dockerfile_installs_like_ci_and_copies_what_chtsync_home_needs() -> None:
+def test_dockerfile_installs_like_ci_and_copies_what_the_wheel_needs() -> None:
     steps = instructions(DOCKERFILE)
     (install,) = [rest for w, rest in steps if w == "RUN" and "pip install" in rest]
     cmd = shlex.split(install.split("&&")[0])
@@ -468,16 +468,16 @@ def test_dockerfile_installs_like_ci_and_copies_what_chtsync_home_needs() -> Non
             *sources, dest = [a for a in rest.split() if not a.startswith("--")]
             for src in sources:
                 copies[src.rstrip("/")] = dest
-    # CHTSYNC_HOME=/app must hold what chtsync/paths.py and chtsync/superset.py look for.
-    assert copies["migrations"] == "/app/migrations/"
-    assert copies["sql"] == "/app/sql/"
-    assert copies["superset"] == "/app/superset/"
+    # The wheel is built from these: its package resources (chtsync/paths.py).
+    assert copies["migrations"] == "migrations/"
+    assert copies["sql"] == "sql/"
+    assert copies["superset"] == "superset/"
     assert copies["config.yaml"] == "/app/config.yaml"
     for src in copies:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
         assert not dockerignored(src), f"COPY {src}: excluded by .dockerignore"
-    # The package build needs these (pyproject's readme) and nothing outside chtsync/.
-    assert {"pyproject.toml", "README.md", "chtsync"} <= set(copies)
+    # The package build needs these (pyproject's readme and package-dir).
+    assert {"pyproject.toml", "README.md", "chtsync", "migrations", "sql", "superset"} <= set(copies)
     for private in (".env", ".git", "node_modules", "tests", "bench", ".env.example"):
         assert dockerignored(private), f"{private} would be sent to the Docker build"
 
@@ -560,7 +560,7 @@ def test_healthcheck_commands_pass_and_fail(tmp_path: Path) -> None:
 def test_image_build_steps_replayed(tmp_path: Path) -> None:
     """The COPY and pip steps of the Dockerfile in a scratch root and a fresh venv: the wheel
     builds from exactly the copied files, and the installed chtsync finds migrations, models and
-    the Superset bundle through CHTSYNC_HOME alone (no source checkout)."""
+    the Superset bundle in the wheel alone (no source checkout, no CHTSYNC_HOME)."""
     root = tmp_path / "image"
     workdir = root
     steps = instructions(DOCKERFILE)
@@ -595,11 +595,10 @@ def test_image_build_steps_replayed(tmp_path: Path) -> None:
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             shutil.rmtree(workdir)  # as the Dockerfile does: the sources are gone
             workdir = root
-    home = root / env["CHTSYNC_HOME"].lstrip("/")
+    assert "CHTSYNC_HOME" not in env
     run_env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "HOME": str(tmp_path),
-        "CHTSYNC_HOME": str(home),
         "CHTSYNC_CONFIG": str(root / env["CHTSYNC_CONFIG"].lstrip("/")),
         "COUCHDB_HOST": "cht.example.org",
         "POSTGRES_HOST": "db.example.org",

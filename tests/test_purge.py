@@ -134,3 +134,25 @@ def test_servers_without_purge_are_followed_as_before(couch: CouchAdmin, cfg_fac
     assert stats.state == "caught up" and not stats.errors
     assert_equal(pg, couch, "medic", SOURCE)
     assert marks(pg) == (None, None)
+
+
+def test_purges_followed_with_a_database_members_credentials(
+    couch: CouchAdmin, cfg_factory, pg: psycopg.Connection
+) -> None:
+    """A member may read _purged_infos but not _purged_infos_limit (server admins only): the
+    follower goes on with CouchDB's default limit instead of stopping."""
+    couch.create_db("medic")
+    r = couch.http.put("/_users/org.couchdb.user:reader", content=json.dumps(
+        {"name": "reader", "password": "reader-pw", "roles": [], "type": "user"}))
+    assert r.status_code in (201, 409), r.text
+    r = couch.http.put("/medic/_security", content=json.dumps({"members": {"names": ["reader"]}}))
+    assert r.status_code == 200, r.text
+    couch.bulk("medic", people(5))
+    cfg = cfg_factory("medic", COUCHDB_USER="reader", COUCHDB_PASSWORD="reader-pw")
+    sync_once(cfg)
+    purge(couch, "medic", {"p002": [couch.get("medic", "p002")["_rev"]]})
+    (stats,) = sync_once(cfg)
+    assert stats.state == "caught up" and not stats.errors
+    assert pg_state(pg, SOURCE)["p002"][1] is True
+    assert_equal(pg, couch, "medic", SOURCE, vanished_ok=True)
+    assert marks(pg) == (couch.http.get("/medic").json()["purge_seq"], None)

@@ -27,6 +27,12 @@ ON CONFLICT (source) DO UPDATE SET
     purge_seq = excluded.purge_seq,
     verify_due = excluded.verify_due
 
+-- name: touch_progress
+-- The follower is caught up at this seq and waiting: say so (CHT Watchdog's liveness reads
+-- updated_at). No raw row is written; a checkpoint that moved meanwhile is left as it is.
+UPDATE couchdb_progress SET updated_at = now(), pending = 0
+WHERE source = %(source)s AND seq = %(seq)s
+
 -- name: try_source_lock
 -- Held for as long as this session follows the source: the lock is the lease.
 SELECT pg_try_advisory_lock(%s, %s)

@@ -43,7 +43,7 @@ class SupersetError(Exception):
 
 
 def bundle_dir() -> Path:
-    return paths.home() / "superset"
+    return paths.superset_dir()
 
 
 # --- the bundle --------------------------------------------------------------------------------

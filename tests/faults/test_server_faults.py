@@ -174,20 +174,6 @@ def test_two_replicas_active_killed_survivor_takes_over(
             f.close()
 
 
-def test_revision_guard_never_moves_a_document_backwards(pg: psycopg.Connection) -> None:
-    def page(rev: str, seq: str, **fields: object) -> str:
-        doc = {"_id": "d", "_rev": rev, **fields}
-        return json.dumps({"results": [{"seq": seq, "id": "d", "changes": [{"rev": rev}], "doc": doc}],
-                           "last_seq": seq})
-
-    ingest = "SELECT written FROM chtsync_ingest_v2('v1.couchdb'::regclass, 'h/medic', %s::jsonb, 1000)"
-    assert pg.execute(ingest, (page("3-c", "3", v="new"),)).fetchone()[0] == 1
-    # A late page from a replica that lost its lease, or a replay: older revision, ignored.
-    assert pg.execute(ingest, (page("2-b", "2", v="old"),)).fetchone()[0] == 0
-    assert pg.execute(ingest, (page("10-a", "4", v="newer"),)).fetchone()[0] == 1  # 10 > 3 as numbers
-    assert pg.execute("SELECT _rev, doc->>'v' FROM couchdb WHERE _id = 'd'").fetchone() == ("10-a", "newer")
-
-
 @pytest.mark.both_servers
 @pytest.mark.parametrize("rounds", [3])
 def test_kill_9_during_steady_trickle(couch: CouchAdmin, couch_server, dbname: str, pg: psycopg.Connection,

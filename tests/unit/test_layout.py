@@ -66,3 +66,14 @@ def test_importing_the_engine_does_not_import_the_command_line() -> None:
             " print(sorted(m for m in sys.modules if m.startswith('chtsync.cli')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    """pyproject lists packages explicitly (for the _data mapping): a new subpackage must be there."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "chtsync").rglob("__init__.py")}
+    assert found <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(found - listed)}"
