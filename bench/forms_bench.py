@@ -28,7 +28,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import machine, write_section
-from chtsync import config, db, migrate, pipeline, queries, sample
+from chtsync import config, db, migrate, pipeline, queries
+from chtsync import demo as sample
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"

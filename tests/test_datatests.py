@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from chtsync import cli, metrics, service, status
+from chtsync import cli, metrics, service, state
 from chtsync import pipeline as engine
 from chtsync.config import Config, ConfigError
 from chtsync.pipeline.models import load_file
@@ -131,8 +131,16 @@ def test_results_in_status_metrics_and_dbt_shape_and_error_severity_blocks(
             ("test.f.x_casts", "x_casts", "warn", 1, True, True),
             ("test.r.accepted_values_kind", "accepted_values_kind", "pass", 0, True, True),
             ("test.r.not_null_kind", "not_null_kind", "fail", 1, True, True)]
+        # dbt's shape: dbt_results (models, as CHT Watchdog reads them) + dbt_test_results (tests).
+        assert conn.execute(
+            "SELECT unique_id, name, resource_type, status, rows_affected FROM dbt_test_results ORDER BY 1"
+        ).fetchall() == [("test.chtsync.f.x_casts", "f.x_casts", "test", "warn", 1),
+                         ("test.chtsync.r.accepted_values_kind", "r.accepted_values_kind", "test", "pass", 0),
+                         ("test.chtsync.r.not_null_kind", "r.not_null_kind", "test", "fail", 1)]
+        assert conn.execute("SELECT count(*) FROM (SELECT * FROM dbt_results UNION ALL"
+                            " SELECT * FROM dbt_test_results) AS u").fetchone()[0] > 3
 
-        doc = status.gather(cfg, conn, counts=False)
+        doc = state.gather(cfg, conn, counts=False)
         tests = {m["name"]: {t["name"]: (t["status"], t["failures"]) for t in m["tests"]} for m in doc["models"]}
         assert tests["r"] == {"not_null_kind": ("fail", 1), "accepted_values_kind": ("pass", 0)}
         assert tests["f"] == {"x_casts": ("warn", 1)}

@@ -17,9 +17,11 @@ import pytest
 import yaml
 from psycopg import sql
 
-from chtsync import cli, db, sample
+from chtsync import cli, db
+from chtsync import demo as sample
 from chtsync import pipeline as engine
 from chtsync.config import Config, ConfigError
+from chtsync.demo import generator
 from chtsync.pipeline import forms, graph
 from chtsync.pipeline.models import load_file
 from tests.syncutil import sync_once
@@ -254,7 +256,7 @@ def test_models_fields_lists_the_generators_fields(bed, monkeypatch: pytest.Monk
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     cfg, data, _names = bed
     form = "pregnancy_home_visit"
-    known = _flatten(f"fields.{form}", sample._form_fields(form, random.Random(0)))
+    known = _flatten(f"fields.{form}", generator._form_fields(form, random.Random(0)))
     _cli_env(monkeypatch, cfg)
     assert cli.main(["models", "fields", form]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from psycopg import sql
 
-from chtsync import cli, db, migrate, pipeline, status
+from chtsync import cli, db, migrate, pipeline, state
 from chtsync.config import Config, ConfigError
 from chtsync.errors import ModelBuildError, PlanConflict
 from chtsync.pipeline import graph
@@ -626,7 +626,7 @@ def test_first_build_in_batches_resumes_and_reports_progress(
     assert batches[:4] == [None, 0, 3, 6]  # one transaction per batch, progress recorded by each
     # Stopped: what is done stays, with its progress (status and /metrics read it).
     assert pg.execute("SELECT count(*) FROM person").fetchone() == (6,)
-    build = next(m for m in status.gather(cfg, pg, counts=False)["models"] if m["name"] == "person")["build"]
+    build = next(m for m in state.gather(cfg, pg, counts=False)["models"] if m["name"] == "person")["build"]
     assert build["docs"] == 6 and build["total"] == 10 and build["rows"] == 6
     # Writes during the build, to documents done and not yet done; then the build resumes.
     docs.put({"_id": "p00", "name": "Bob"}, {"_id": "p09", "name": "Bob"}, {"_id": "p99", "name": "Cy"})
