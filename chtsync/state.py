@@ -64,6 +64,8 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
             "checkpoint_at": _iso(r.get("checkpoint_at")),
             "lag_seconds": lag,
             "last_verify": _verify_summary(verified.get(name)),
+            "purge_seq": r.get("purge_seq"),  # CouchDB's purges applied up to here
+            "verify_due": r.get("verify_due"),  # why a verify --repair is owed (runs when caught up)
         })
     models = []
     if _has_models_table(conn):

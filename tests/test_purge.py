@@ -8,7 +8,7 @@ import json
 import psycopg
 import pytest
 
-from chtsync import pipeline
+from chtsync import pipeline, state
 from chtsync.pipeline import graph
 from tests.conftest import make_config
 from tests.servers import CouchAdmin
@@ -123,6 +123,11 @@ def test_more_purges_than_couchdb_keeps_trigger_a_verify(
     verified = pg.execute("SELECT vanished, repaired, error FROM chtsync_verify WHERE source = %s",
                           (SOURCE,)).fetchone()
     assert verified == (10, 10, None)
+    # status shows where purges stand, and an owed verify while one is owed
+    (src,) = state.gather(cfg, pg, counts=False)["sources"]
+    assert (src["purge_seq"], src["verify_due"]) == (couch.http.get("/medic").json()["purge_seq"], None)
+    pg.execute("UPDATE chtsync_sources SET verify_due = 'purges lost' WHERE source = %s", (SOURCE,))
+    assert state.gather(cfg, pg, counts=False)["sources"][0]["verify_due"] == "purges lost"
 
 
 @pytest.mark.parametrize("couch_impl", ["pouchdb"])

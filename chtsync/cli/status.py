@@ -34,6 +34,8 @@ def render(doc: dict[str, Any]) -> None:
         t.add_column(col, justify="right" if col in ("pending", "docs", "errors", "lag") else "left")
     for s in doc["sources"]:
         state = s["state"] + (f": {s['reason']}" if s["reason"] else "")
+        if s.get("verify_due"):
+            state += f" (verify owed: {s['verify_due']})"
         lag = "-" if s["lag_seconds"] is None else f"{s['lag_seconds']:.0f}s"
         v = s["last_verify"]
         verified = "-" if v is None else (

@@ -14,6 +14,8 @@ SELECT s.source,
        s.last_change_at,
        s.caught_up_at,
        s.updated_at,
+       s.purge_seq,
+       s.verify_due,
        (SELECT count(*) FROM chtsync_errors e WHERE e.source = s.source) AS errors,
        EXISTS (
            SELECT 1 FROM pg_locks l
