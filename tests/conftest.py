@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import replace
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -112,12 +113,23 @@ def couch_server(couch_impl: str, request: pytest.FixtureRequest) -> CouchDBServ
 
 @pytest.fixture
 def couch(couch_server) -> Iterator[CouchAdmin]:
-    """Admin client on the test's server; databases made by the test are dropped after."""
+    """Admin client on the test's server; databases made by the test are dropped after, and
+    users it added to the shared `_users` database are deleted (the next test may add them again)."""
     admin = couch_server.client()
     before = set(admin.http.get("/_all_dbs").json())
+    users_before = _user_docs(admin) if "_users" in before else {}
     yield admin
     for db in set(admin.http.get("/_all_dbs").json()) - before:
         admin.delete_db(db)
+    if "_users" in before:
+        for doc_id, rev in _user_docs(admin).items():
+            if users_before.get(doc_id) != rev:
+                admin.http.delete(f"/_users/{quote(doc_id, safe='')}", params={"rev": rev})
+
+
+def _user_docs(admin: CouchAdmin) -> dict[str, str]:
+    r = admin.http.get("/_users/_all_docs", params={"startkey": '"org.couchdb.user:"', "endkey": '"org.couchdb.user;"'})
+    return {row["id"]: row["value"]["rev"] for row in r.json().get("rows", [])} if r.status_code == 200 else {}
 
 
 @pytest.fixture
