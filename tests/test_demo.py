@@ -118,7 +118,7 @@ def test_ctrl_c_leaves_nothing_running(tmp_path: Path, docs: int, moment: str) -
     try:
         demo.wait_for(moment, timeout=180)
         pouch_port = int(demo.text().split("at http://127.0.0.1:")[1].split()[0])
-        time.sleep(1.0)
+        time.sleep(1.0)  # pacing: Ctrl-C a moment into that phase, not at its first line
     finally:
         demo.interrupt()
     assert demo.proc.returncode == 130, demo.text()
@@ -141,7 +141,8 @@ class Demo:
             cwd=paths.home(),
             env={**os.environ, "COLUMNS": "200"},
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -157,7 +158,7 @@ class Demo:
         deadline = time.monotonic() + timeout
         while needle not in self.text():
             if self.proc.poll() is not None:
-                time.sleep(0.5)
+                self.reader.join(10)  # its last lines
                 pytest.fail(f"demo exited with {self.proc.returncode} before {needle!r}:\n{self.text()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"no {needle!r} within {timeout} s:\n{self.text()}")
@@ -171,7 +172,7 @@ class Demo:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        time.sleep(0.3)
+        self.reader.join(10)  # the output ends when the process and its children close it
         self.text()
 
 

@@ -95,7 +95,8 @@ def test_run_end_to_end(couch: CouchAdmin, couch_server, dbname: str, pg: psycop
 
         # A last write, then SIGTERM: clean exit within 10 s and nothing lost.
         couch.put("medic", report(2000))
-        time.sleep(0.5)
+        wait_until(lambda: pg.execute("SELECT 1 FROM couchdb WHERE _id = 'report-2000'").fetchone() is not None,
+                   timeout=20, what="the last write in the raw table")
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0

@@ -197,7 +197,7 @@ def test_no_false_alarms_while_the_sync_writes(couch: CouchAdmin, cfg_factory, p
                     body["_rev"] = current["_rev"]
                 couch.put("medic", body)
             written[0] += 1
-            time.sleep(0.005)
+            time.sleep(0.005)  # pacing: a trickle writer
         thread_ok.append(True)
 
     with BackgroundSync(cfg):

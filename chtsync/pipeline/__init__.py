@@ -1,6 +1,7 @@
 """The model pipeline: models.yaml -> views, materialized views and tables, kept fresh.
 
-models.py reads and checks the file, graph.py resolves dependencies and order, apply.py makes
+models.py reads and checks the file, kinds.py says per kind how a model is created, refreshed
+and rebuilt, graph.py resolves dependencies and order, apply.py makes
 the schema match (plan / apply), refresh.py keeps models up to date (refresh_once / loop).
 """
 

@@ -21,15 +21,14 @@ from chtsync.config import Config
 from chtsync.errors import ModelBuildError, PlanConflict
 from chtsync.pipeline import graph
 from chtsync.pipeline.graph import Model, Pipeline
+from chtsync.pipeline.kinds import STRATEGIES, of
 from chtsync.pipeline.refresh import analyze
 from chtsync.pipeline.session import autocommit, first_line, q, value
 
 log = logging.getLogger("chtsync.pipeline")
 
-RELKIND = {"view": "v", "materialized_view": "m", "table": "r", "incremental": "r", "aggregate": "r"}
+RELKIND = {name: s.relkind for name, s in STRATEGIES.items()}  # what each kind's object is
 DROP = {"v": "VIEW", "m": "MATERIALIZED VIEW", "r": "TABLE", "p": "TABLE", "f": "FOREIGN TABLE"}
-CREATE = {"view": "VIEW", "materialized_view": "MATERIALIZED VIEW", "table": "TABLE",
-          "incremental": "TABLE", "aggregate": "TABLE"}
 
 
 @dataclass(frozen=True)
@@ -200,12 +199,10 @@ def create_model(conn: psycopg.Connection, model: Model, empty: bool = False) ->
     empty=True an incremental model is created without rows, for the refresh to build it in
     batches (refresh._build)."""
     check_read_only(conn, model)
-    name = sql.Identifier(model.name)
-    suffix = sql.SQL(" WITH DATA" if model.kind == "materialized_view"
-                     else " WITH NO DATA" if empty and model.kind == "incremental" else "")
-    cur = conn.execute(q("create_object", kind=sql.SQL(CREATE[model.kind]), relation=name,
-                         body=sql.SQL(model.sql), suffix=suffix))
-    rows = None if model.kind == "view" else cur.rowcount
+    name, strategy = sql.Identifier(model.name), of(model.kind)
+    cur = conn.execute(q("create_object", kind=sql.SQL(strategy.ddl), relation=name,
+                         body=sql.SQL(model.sql), suffix=sql.SQL(strategy.create_suffix(empty))))
+    rows = cur.rowcount if strategy.has_rows else None
     for i, ix in enumerate(model.spec.indexes):
         conn.execute(q(
             "create_model_index", unique=sql.SQL("UNIQUE " if ix.unique else ""),
@@ -213,7 +210,7 @@ def create_model(conn: psycopg.Connection, model: Model, empty: bool = False) ->
             columns=sql.SQL(f"({ix.expression})") if ix.expression  # normalized by pglast
             else sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
     key = model.spec.unique_key[:1]
-    if model.kind == "incremental" and not any(
+    if strategy.by_document and not any(
             ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):
         # Each run deletes by the key: without an index that is a scan of the whole table.
         conn.execute(q("create_key_index", index=sql.Identifier(index_name(model.name, "key")), relation=name,
@@ -259,7 +256,7 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                 started = time.monotonic()
                 # A new incremental model is built by the refresh, in batches. One that replaces an
                 # existing object is built here, so readers keep the old one until this commits.
-                empty = step.action == "create" and model.kind == "incremental"
+                empty = step.action == "create" and of(model.kind).by_document
                 try:
                     rows = create_model(conn, model, empty)
                 except psycopg.Error as exc:
@@ -267,7 +264,7 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                 conn.execute(q("record_created"), {
                     "name": model.name, "kind": model.kind, "hash": model.hash, "rows": rows,
                     "ms": (time.monotonic() - started) * 1000,
-                    "snapshot": None if model.kind == "view" or empty else snapshot})
+                    "snapshot": snapshot if of(model.kind).has_rows and not empty else None})
         for view in saved:
             try:
                 _restore(conn, view)
@@ -280,8 +277,8 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
     # (incremental models are created empty, and analyzed once the refresh has built them).
     with autocommit(conn):
         for step in plan.steps:
-            built_here = step.action == "replace" or (step.action == "create" and step.kind != "incremental")
-            if built_here and step.kind != "view":
+            built_here = step.action == "replace" or (step.action == "create" and not of(step.kind).by_document)
+            if built_here and of(step.kind).has_rows:
                 analyze(conn, step.name)
     for step in plan.steps:
         if step.action != "unchanged":

@@ -20,7 +20,8 @@ from pglast.stream import RawStream
 
 from chtsync.config import Config
 from chtsync.errors import ModelsFileError
-from chtsync.pipeline.models import RAW, Kind, ModelSpec, load_file
+from chtsync.pipeline.kinds import of
+from chtsync.pipeline.models import RAW, ModelSpec, load_file
 
 DELTA = "chtsync_delta"  # the temp table an aggregate's SQL reads in place of its upstream
 
@@ -162,7 +163,7 @@ def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str) -
         elif dep not in deps:
             deps.append(dep)
     text = RawStream()(select)
-    delta = _delta_sql(where, select, deps, raw or external) if spec.kind == Kind.AGGREGATE else ""
+    delta = _delta_sql(where, select, deps, raw or external) if of(spec.kind).by_group else ""
     return Model(spec, text, tuple(deps), raw, external, delta_sql=delta)
 
 
@@ -217,7 +218,7 @@ def build(specs: list[ModelSpec], table: str = RAW) -> Pipeline:
     for name in order:
         model = resolved[name]
         upstream = [models[d].hash for d in sorted(model.deps)]
-        if model.kind == Kind.AGGREGATE and models[model.deps[0]].kind != Kind.INCREMENTAL:
+        if of(model.kind).by_group and not of(models[model.deps[0]].kind).by_document:
             raise ModelsFileError(f"model '{name}': an aggregate model must read an incremental model,"
                               f" and '{model.deps[0]}' is {models[model.deps[0]].kind}")
         models[name] = Model(model.spec, model.sql, model.deps, model.raw, model.external,

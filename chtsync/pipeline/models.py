@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +15,8 @@ from chtsync.config import IDENT, yaml_file
 from chtsync.errors import ModelsFileError
 from chtsync.pipeline import forms
 from chtsync.pipeline.datatests import DataTest, parse_tests
+from chtsync.pipeline.kinds import KINDS, of
 
-
-class Kind(StrEnum):
-    """What a model is built as and how it is refreshed (docs/pipeline.md)."""
-
-    VIEW = "view"
-    MATERIALIZED_VIEW = "materialized_view"
-    TABLE = "table"
-    INCREMENTAL = "incremental"  # rows keyed by document id; changed documents re-derived
-    AGGREGATE = "aggregate"  # GROUP BY over one incremental model; touched groups recounted
-
-
-KINDS = tuple(k.value for k in Kind)
-KEYED = (Kind.INCREMENTAL, Kind.AGGREGATE)  # kinds that need a unique_key
 INDEX_METHODS = ("btree", "hash", "gin", "gist", "brin")
 MODEL_KEYS = {
     "name", "sql", "kind", "unique_key", "reference_keys", "indexes", "depends_on", "interval", "tags", "enabled",
@@ -158,18 +145,17 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
             raise _fail(where, f"'sql': {sql_path} is not UTF-8 text: save it as UTF-8") from None
     unique_key = (_names(where, "unique_key", raw["unique_key"]) if "unique_key" in raw
                   else ("uuid",) if shorthand else ())
-    if kind == Kind.INCREMENTAL and not unique_key:
-        raise _fail(where, "'unique_key' is required for an incremental model (first column = document _id)")
-    if kind == Kind.AGGREGATE and not unique_key:
-        raise _fail(where, "'unique_key' is required for an aggregate model (the GROUP BY columns)")
+    strategy = of(kind)
+    if strategy.keyed and not unique_key:
+        raise _fail(where, f"'unique_key' is required for an {kind} model ({strategy.key_meaning})")
     reference_keys = (_names(where, "reference_keys", raw["reference_keys"])
                       if "reference_keys" in raw else ())
-    if reference_keys and kind != Kind.INCREMENTAL:
+    if reference_keys and not strategy.by_document:
         raise _fail(where, "'reference_keys' applies to incremental models only")
-    indexes = raw.get("indexes", forms.DEFAULT_INDEXES[shorthand.of] if shorthand and kind != "view" else [])
+    indexes = raw.get("indexes", forms.DEFAULT_INDEXES[shorthand.of] if shorthand and strategy.has_rows else [])
     if not isinstance(indexes, list):
         raise _fail(where, "'indexes' must be a list")
-    if indexes and kind == "view":
+    if indexes and not strategy.has_rows:
         raise _fail(where, "'indexes': a view cannot have indexes (use materialized_view)")
     interval = raw.get("interval")
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))

@@ -23,14 +23,11 @@ from chtsync.config import Config
 from chtsync.errors import ConfigError, ModelsFileError, PostgresUnavailable
 from chtsync.pipeline import datatests, graph
 from chtsync.pipeline.graph import Model, Pipeline
-from chtsync.pipeline.models import Kind
+from chtsync.pipeline.kinds import aggregates_by_upstream, of, since
 from chtsync.pipeline.session import autocommit, first_line, q, value
 
 log = logging.getLogger("chtsync.pipeline")
 
-# A refresh that needs an exclusive lock (plain REFRESH, TRUNCATE) waits at most this long for
-# readers; queued behind a long query it would block every new reader too. Retried next run.
-EXCLUSIVE_LOCK_TIMEOUT = "2s"
 DEBOUNCE = 0.2  # seconds: writes arriving together trigger one refresh
 STOP_GRACE = 3.0  # seconds a running refresh may take to finish once stop is set
 
@@ -55,11 +52,6 @@ def _age(snapshot: str) -> tuple[int, int]:
     """Orders snapshots by when they were taken: a later one has a higher xmax or, with the
     same xmax (no xid assigned in between), fewer transactions still in progress."""
     return int(snapshot.split(":")[1]), -len(_xip(snapshot))
-
-
-def _since(cfg: Config, snapshot: str) -> dict[str, object]:
-    """Parameters of the change probes (migrations/0010.change-probes.sql)."""
-    return {"schema": cfg.schema, "table": cfg.table, "snapshot": snapshot}
 
 
 @dataclass
@@ -91,54 +83,13 @@ def _inputs(pipeline: Pipeline) -> dict[str, _Inputs]:
         raw, external, models = m.raw, m.external, set()
         for dep in m.deps:
             up = pipeline.models[dep]
-            if up.kind == "view":  # a view reads live data: look through it
+            if not of(up.kind).has_rows:  # a view reads live data: look through it
                 raw, external = raw or out[dep].raw, external or out[dep].external
                 models |= out[dep].models
             else:
                 models.add(dep)
         out[m.name] = _Inputs(raw, external, frozenset(models))
     return out
-
-
-def _record_groups(conn: psycopg.Connection, aggregates: list[Model], upstream: Model, *,
-                   after: bool) -> None:
-    """Record, for each aggregate reading this incremental model, the groups its changed rows
-    fall in: called before the delete (old rows) and after the insert (new rows)."""
-    if not aggregates:
-        return
-    name, key = sql.Identifier(upstream.name), sql.Identifier(upstream.spec.unique_key[0])
-    conn.execute(q("delta_add" if after else "delta_table", model=name, key=key))
-    for agg in aggregates:
-        pairs = sql.SQL(", ").join(sql.SQL("{}, g.{}").format(sql.Literal(c), sql.Identifier(c))
-                                   for c in agg.spec.unique_key)
-        conn.execute(q("pending_groups_record", pairs=pairs, body=sql.SQL(agg.delta_sql)),
-                     {"model": agg.name})
-    if after:
-        conn.execute(q("delta_drop"))
-
-
-def _incremental(conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
-                 aggregates: list[Model]) -> tuple[int, int | None]:
-    """Delete and re-derive the rows of documents written since the model's snapshot."""
-    name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
-    conn.execute(q("changed_ids_table"))
-    conn.execute(q("local_jit_off"))
-    changed = conn.execute(q("changed_ids_fill"), _since(cfg, state.snapshot), prepare=False).rowcount
-    if changed == 0:
-        return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
-    conn.execute(q("changed_ids_analyze"))
-    for column in model.spec.reference_keys:
-        changed += conn.execute(q("changed_ids_referencing", model=name, key=key, column=sql.Identifier(column)),
-                                prepare=False).rowcount
-    if model.spec.reference_keys:
-        conn.execute(q("changed_ids_analyze"))
-    _record_groups(conn, aggregates, model, after=False)
-    deleted = conn.execute(q("incremental_delete", model=name, key=key), prepare=False).rowcount
-    inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body), prepare=False).rowcount
-    _record_groups(conn, aggregates, model, after=True)
-    if state.rows is None:
-        return value(conn, "count_rows", model=name), changed
-    return state.rows - deleted + inserted, changed
 
 
 # Documents per transaction of a first build: bounded transactions (and WAL between
@@ -201,64 +152,6 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, snapshot: str, a
                  model.name, docs, total or docs, rows, rate, eta)
 
 
-# More distinct values than this in one group column: recount everything instead.
-MAX_GROUP_VALUES = 10_000
-
-
-def _aggregate(conn: psycopg.Connection, model: Model, state: _State) -> tuple[int, int | None]:
-    """Recount the groups the upstream's refreshes recorded as touched (all of them after a
-    full build of the upstream)."""
-    name = sql.Identifier(model.name)
-    everything = state.snapshot is None
-    values: dict[str, set[str | None]] = {c: set() for c in model.spec.unique_key}
-    groups = 0
-    for whole, column, text in conn.execute(q("pending_take"), (model.name,)):
-        everything = everything or whole
-        if column in values:
-            values[column].add(text)
-            groups += 1
-    groups //= max(len(values), 1)
-    if everything or any(len(v) > MAX_GROUP_VALUES for v in values.values()):
-        conn.execute(q("delete_all", model=name))  # not TRUNCATE: readers keep reading meanwhile
-        return conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None
-    if groups == 0:
-        return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
-    conn.execute(q("local_jit_off"))
-    types = dict(conn.execute(q("column_types"), (model.name,)).fetchall())
-    condition = sql.SQL(" AND ").join(
-        q("group_filter", column=sql.Identifier(c), type=sql.SQL(types[c])) for c in values)
-    params: list[object] = []
-    for vals in values.values():
-        params += [sorted(v for v in vals if v is not None), None in vals]
-    deleted = conn.execute(q("aggregate_delete", model=name, condition=condition), params,
-                           prepare=False).rowcount
-    inserted = conn.execute(q("aggregate_insert", model=name, body=sql.SQL(model.sql), condition=condition),
-                            params, prepare=False).rowcount
-    if state.rows is None:
-        return value(conn, "count_rows", model=name), groups
-    return state.rows - deleted + inserted, groups
-
-
-def _refresh_model(conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
-                   aggregates: list[Model]) -> tuple[int, int | None]:
-    """Bring one model up to date inside the caller's transaction; return (rows, changed)."""
-    name = sql.Identifier(model.name)
-    if model.kind == Kind.INCREMENTAL:
-        return _incremental(conn, cfg, model, state, aggregates)
-    if model.kind == Kind.AGGREGATE:
-        return _aggregate(conn, model, state)
-    if model.kind == "materialized_view" and any(ix.unique for ix in model.spec.indexes):
-        conn.execute(q("refresh_matview_concurrently", model=name))  # readers never wait
-    else:
-        conn.execute(q("local_lock_timeout"), (EXCLUSIVE_LOCK_TIMEOUT,))
-        if model.kind == "materialized_view":
-            conn.execute(q("refresh_matview", model=name))
-        else:
-            conn.execute(q("truncate", model=name))
-            return conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None
-    return value(conn, "count_rows", model=name), None
-
-
 def _record_failure(conn: psycopg.Connection, name: str, status: str, error: str, ms: float) -> None:
     with conn.transaction():
         conn.execute(q("record_refresh_failed"), {"name": name, "status": status, "error": error, "ms": ms})
@@ -276,16 +169,13 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
     # passes; a test never run yet runs at the end of this round.
     held, untested = datatests.pending(conn, pipeline)
     results: list[RefreshResult] = []
-    aggregates: dict[str, list[Model]] = {}
-    for m in pipeline.models.values():
-        if m.kind == Kind.AGGREGATE:
-            aggregates.setdefault(m.deps[0], []).append(m)
+    aggregates = aggregates_by_upstream(pipeline)
     # The models' SQL is planned with the raw table's statistics: bring them up to date first.
     analyze_due(cfg, conn, [cfg.table])
 
     def raw_changed_since(snap: str) -> bool:
         if snap not in raw_changed:
-            raw_changed[snap] = bool(value(conn, "raw_changed_since", _since(cfg, snap), prepare=False))
+            raw_changed[snap] = bool(value(conn, "raw_changed_since", since(cfg, snap), prepare=False))
         return raw_changed[snap]
 
     for model in pipeline.models.values():
@@ -295,7 +185,8 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
             failed[model.name] = held[model.name]
         blocked = [d for d in model.deps if d in failed]
         state = states.get(model.name)
-        if model.kind == "view":
+        strategy = of(model.kind)
+        if not strategy.has_rows:
             if blocked:
                 failed[model.name] = "was not refreshed"
             continue
@@ -329,11 +220,11 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
         # be waiting for its interval): keep the oldest, so that documents written since are
         # re-derived here once the upstream has caught up.
         new_snapshot = min([snapshot] + [states[u].snapshot for u in inp.models
-                                         if pipeline.models[u].kind == "incremental" and states[u].snapshot],
+                                         if of(pipeline.models[u].kind).by_document and states[u].snapshot],
                            key=_age)
         started = time.monotonic()
         try:
-            if model.kind == Kind.INCREMENTAL and state.snapshot is None:  # first build, in batches
+            if strategy.by_document and state.snapshot is None:  # first build, in batches
                 built = _build(conn, cfg, model, new_snapshot, aggregates.get(model.name, []), should_stop)
                 if built is None:
                     failed[model.name] = "is still being built"
@@ -347,7 +238,7 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
                     conn.execute(q("build_done"), (model.name,))
             else:
                 with conn.transaction():
-                    rows, changed_docs = _refresh_model(conn, cfg, model, state, aggregates.get(model.name, []))
+                    rows, changed_docs = strategy.refresh(conn, cfg, model, state, aggregates.get(model.name, []))
                     ms = (time.monotonic() - started) * 1000
                     state.seq = value(conn, "record_refresh_ok", {
                         "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
@@ -362,9 +253,8 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
             results.append(RefreshResult(model.name, model.kind, "error", duration_ms=ms, error=error))
             continue
         state.snapshot, state.rows = new_snapshot, rows
-        if changed_docs is None and model.kind != Kind.MATERIALIZED_VIEW:
-            # Built from scratch: downstream models are planned with its statistics. (A
-            # concurrent matview refresh changes only what differs: left to analyze_due.)
+        if changed_docs is None and strategy.analyze_after_build:
+            # Built from scratch: downstream models are planned with its statistics.
             analyze(conn, model.name)
         log.info("model refreshed name=%s kind=%s rows=%s changed=%s ms=%.0f",
                  model.name, model.kind, rows, changed_docs, ms)
@@ -375,7 +265,7 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
             fails = [t.name for t in datatests.run(conn, pipeline, [model.name]) if t.status == "fail"]
             if fails:
                 failed[model.name] = f"failed data test {fails[0]}"
-    analyze_due(cfg, conn, [m.name for m in pipeline.models.values() if m.kind != Kind.VIEW])
+    analyze_due(cfg, conn, [m.name for m in pipeline.models.values() if of(m.kind).has_rows])
     applied = [n for n in untested if n in states and states[n].hash == pipeline.models[n].hash]
     if applied and not should_stop():
         datatests.run(conn, pipeline, applied)
@@ -433,20 +323,14 @@ def rebuild(cfg: Config, conn: psycopg.Connection, name: str) -> RefreshResult:
         if state is None or state.hash != model.hash:
             raise ConfigError(f"model '{name}' differs from the applied one: run `chtsync models apply` first")
         snapshot = value(conn, "current_snapshot")
-        if model.kind == "view":
+        strategy = of(model.kind)
+        if not strategy.has_rows:
             return RefreshResult(name, model.kind, "ok")
-        target = sql.Identifier(name)
-        if model.kind == "materialized_view":
-            conn.execute(q("refresh_matview", model=target))
-            rows = value(conn, "count_rows", model=target)
-        else:
-            conn.execute(q("truncate", model=target))
-            rows = conn.execute(q("full_insert", model=target, body=sql.SQL(model.sql))).rowcount
+        rows = strategy.rebuild(conn, model)
         conn.execute(q("pending_clear"), (name,))  # an aggregate: every group is counted now
         conn.execute(q("build_done"), (name,))  # a batched first build, if one was under way
-        for m in pipeline.models.values():
-            if m.kind == Kind.AGGREGATE and m.deps[0] == name:
-                conn.execute(q("pending_all"), (m.name,))
+        for m in aggregates_by_upstream(pipeline).get(name, []):
+            conn.execute(q("pending_all"), (m.name,))
         ms = (time.monotonic() - started) * 1000
         conn.execute(q("record_refresh_ok"), {"name": name, "ms": ms, "rows": rows, "snapshot": snapshot})
     with autocommit(conn):

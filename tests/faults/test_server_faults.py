@@ -45,7 +45,7 @@ def test_postgres_restarted_mid_sync(couch: CouchAdmin, couch_server, tmp_path: 
                 pg.execute("SET search_path = v1")
                 wait_until(lambda: count(pg) >= 1000, timeout=60, what="first pages")
             server.stop()
-            time.sleep(1.0)
+            time.sleep(1.0)  # pacing: Postgres stays down a while, the followers retry meanwhile
             server.start()
             started = time.monotonic()
             with psycopg.connect(**info, autocommit=True) as pg:
@@ -67,7 +67,7 @@ def test_sessions_terminated_mid_write(couch: CouchAdmin, cfg_factory, dbname: s
         killed = 0
         started = time.monotonic()
         while count(pg) < 6000 and killed < 6 and time.monotonic() - started < 60:
-            time.sleep(0.25)
+            time.sleep(0.25)  # pacing: one round of kills per quarter second while it syncs
             killed += terminate_followers(pg, dbname)
         t = time.monotonic()
         wait_until(lambda: count(pg) == 6000, timeout=90, what="recovery after pg_terminate_backend")
@@ -201,7 +201,7 @@ def test_kill_9_during_steady_trickle(couch: CouchAdmin, couch_server, dbname: s
                     couch.delete("medic", target)
             except AssertionError:
                 pass  # a conflict or an already deleted document: CouchDB said no, nothing to sync
-            time.sleep(0.02)
+            time.sleep(0.02)  # pacing: a trickle writer, not a flood
 
     writer = threading.Thread(target=trickle, daemon=True)
     writer.start()
@@ -209,7 +209,7 @@ def test_kill_9_during_steady_trickle(couch: CouchAdmin, couch_server, dbname: s
         for _ in range(rounds):
             proc = subprocess.Popen([sys.executable, "-m", "chtsync", "sync"], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(1.0, 3.0))
+            time.sleep(rng.uniform(1.0, 3.0))  # pacing: killed at a random moment of its work
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
     finally:

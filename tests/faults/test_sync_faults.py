@@ -90,7 +90,7 @@ def test_couchdb_and_postgres_connections_cut_mid_stream(
             cuts = 0
             deadline = time.monotonic() + 90
             while count(pg) < n and time.monotonic() < deadline:
-                time.sleep(0.3)
+                time.sleep(0.3)  # pacing: one cut every 0.3 s while it syncs
                 proxy = couch_proxy if cuts % 2 == 0 else pg_proxy
                 cuts += 1 if proxy.cut() else 0
                 if cuts >= 6:

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from dataclasses import replace
+from typing import TypeVar
 
 import psycopg
 
@@ -38,6 +37,7 @@ from chtsync.couch import CouchClient, CouchError, seq_number
 from chtsync.errors import Stopped, first_line
 from chtsync.follower import OWNER
 from chtsync.store import is_data_error, strip_nul
+from chtsync.verify.diff import KINDS, MISSING, STALE, VANISHED, Diff, SourceReport, State, classify
 
 log = logging.getLogger("chtsync.verify")
 T = TypeVar("T")
@@ -47,102 +47,6 @@ RECHECK_BATCH = 2_000  # keys per POST _all_docs when rechecking candidates
 REPAIR_BATCH = 200  # documents (with bodies) per repair transaction
 VANISH_BATCH = 5_000  # tombstones per transaction
 MAX_ROUNDS = 6  # rechecks before differences that keep moving are reported anyway
-RETRY_SKIPPED_SECONDS = 600.0  # scheduled verify: retry a source that was catching up
-
-MISSING, STALE, VANISHED = "missing", "stale", "vanished"
-KINDS = (MISSING, STALE, VANISHED)
-
-# What one side holds for an id: (winning rev, deleted), or None when it has nothing.
-State = tuple[str, bool] | None
-
-
-@dataclass(frozen=True)
-class Diff:
-    id: str
-    kind: str
-    couch: State
-    pg: State
-    # The row's _xid when pg was read (None: no row, or never written by chtsync): repair
-    # writes only over that same row version.
-    xid: str | None = field(default=None, compare=False)
-
-
-def classify(doc_id: str, couch: State, pg: State) -> Diff | None:
-    """The difference between CouchDB's and Postgres's state of one document, if any."""
-    if couch is None or couch[1]:
-        # Gone or deleted in CouchDB: a tombstone (any revision) or nothing in Postgres is right.
-        if pg is None or pg[1]:
-            return None
-        return Diff(doc_id, STALE if couch else VANISHED, couch, pg)
-    if pg is None:
-        return Diff(doc_id, MISSING, couch, pg)
-    if pg[1] or pg[0] != couch[0]:
-        return Diff(doc_id, STALE, couch, pg)
-    return None
-
-
-@dataclass
-class SourceReport:
-    source: str
-    couch_docs: int | None = None
-    couch_deleted: int | None = None
-    pg_docs: int | None = None
-    pg_deleted: int | None = None
-    checked: int = 0  # _all_docs rows compared
-    candidates: int = 0  # ids the scan flagged, before rechecks (the rest were in flight)
-    found: dict[str, Diff] = field(default_factory=dict)  # confirmed differences
-    remaining: dict[str, Diff] = field(default_factory=dict)  # after repair (= found without)
-    repaired: int | None = None  # None: no repair asked
-    refused: int = 0  # documents Postgres refused during repair (see chtsync_errors)
-    error: str | None = None
-    skipped: str | None = None
-    started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
-    seconds: float = 0.0
-    couch_seconds: float = 0.0  # waiting for _all_docs pages
-    pg_seconds: float = 0.0  # comparing pages in Postgres
-    settle_seconds: float = 0.0  # waiting for the follower before rechecks
-
-    @property
-    def equal(self) -> bool:
-        return self.error is None and self.skipped is None and not self.remaining
-
-    def ids(self, kind: str, which: str = "found") -> list[str]:
-        diffs = self.found if which == "found" else self.remaining
-        return sorted(d.id for d in diffs.values() if d.kind == kind)
-
-    def count(self, kind: str, which: str = "found") -> int:
-        diffs = self.found if which == "found" else self.remaining
-        return sum(1 for d in diffs.values() if d.kind == kind)
-
-    def result(self) -> str:
-        if self.error:
-            return "error"
-        if self.skipped:
-            return "skipped"
-        if self.remaining:
-            return "different"
-        return "repaired" if self.found else "equal"
-
-    def as_json(self, max_ids: int) -> dict[str, Any]:
-        def kinds(which: str) -> dict[str, Any]:
-            return {k: {"count": self.count(k, which), "ids": self.ids(k, which)[:max_ids]} for k in KINDS}
-
-        return {
-            "source": self.source,
-            "result": self.result(),
-            "equal": self.equal,
-            "couch": {"docs": self.couch_docs, "deleted": self.couch_deleted},
-            "postgres": {"docs": self.pg_docs, "deleted": self.pg_deleted},
-            "checked": self.checked,
-            "candidates": self.candidates,
-            "found": kinds("found"),
-            "remaining": kinds("remaining"),
-            "repaired": self.repaired,
-            "refused": self.refused,
-            "error": self.error,
-            "skipped": self.skipped,
-            "seconds": round(self.seconds, 3),
-        }
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -453,71 +357,3 @@ async def _record(conn: psycopg.AsyncConnection, report: SourceReport) -> None:
         })
     except psycopg.Error as exc:
         log.warning("verify source=%s: result not recorded: %s", report.source, exc)
-
-
-def exit_code(reports: Sequence[SourceReport]) -> int:
-    """0 only when every source is equal; 2 when a source could not be verified; else 1."""
-    if any(r.error or r.skipped for r in reports):
-        return 2
-    return 0 if all(r.equal for r in reports) else 1
-
-
-# -- scheduled inside `chtsync run` ----------------------------------------------------------
-
-async def verify_loop(cfg: Config, stop: asyncio.Event) -> None:
-    """Verify and repair every cfg.verify_interval seconds (off when unset). The interval counts
-    from the last verify any replica finished (chtsync_verify), so restarts do not postpone it;
-    an advisory lock makes sure only one replica verifies at a time."""
-    if not cfg.verify_interval:
-        return
-    interval = cfg.verify_interval
-    last_attempt = time.time()
-    retry_at: float | None = None
-    while not stop.is_set():
-        try:
-            delay = await _next_delay(cfg, interval, last_attempt, retry_at)
-        except psycopg.Error as exc:
-            log.warning("verify schedule: %s", db.describe_error(cfg, exc))
-            delay = 60.0
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.0))
-        if stop.is_set():
-            return
-        last_attempt, retry_at = time.time(), None
-        try:
-            reports = await verify_locked(cfg, stop)
-        except Stopped:
-            return
-        except (psycopg.Error, OSError) as exc:
-            log.warning("scheduled verify failed: %s", db.describe_error(cfg, exc))
-            continue
-        if reports is None:
-            retry_at = time.time() + min(interval, 60.0)  # another replica is verifying
-        elif any(r.skipped for r in reports):
-            retry_at = time.time() + min(interval, RETRY_SKIPPED_SECONDS)
-
-
-async def _next_delay(cfg: Config, interval: float, last_attempt: float, retry_at: float | None) -> float:
-    if retry_at is not None:
-        return retry_at - time.time()
-    async with await db.connect_async(cfg, autocommit=True) as conn:
-        cur = await conn.execute(queries.get("verify_last_finished"))
-        row = await cur.fetchone()
-    finished = row[0].timestamp() if row and row[0] else 0.0
-    return max(finished, last_attempt) + interval - time.time()
-
-
-async def verify_locked(cfg: Config, stop: asyncio.Event | None = None) -> list[SourceReport] | None:
-    """Verify and repair under the advisory lock; None when another process holds it."""
-    key = (db.LOCK_CLASS, db.lock_key(cfg, "verify"))
-    async with await db.connect_async(cfg, autocommit=True) as lock_conn:
-        cur = await lock_conn.execute(queries.get("verify_try_lock"), key)
-        row = await cur.fetchone()
-        if not (row and row[0]):
-            log.info("verify skipped: another chtsync process is verifying")
-            return None
-        try:
-            return await verify(cfg, repair=True, stop=stop, skip_catching_up=True)
-        finally:
-            with contextlib.suppress(psycopg.Error):
-                await lock_conn.execute(queries.get("verify_unlock"), key)

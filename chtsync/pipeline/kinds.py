@@ -1,0 +1,218 @@
+"""Model kinds: what each kind is built as, and how it is refreshed and rebuilt, in one place.
+
+Every other module asks `of(model.kind)` for a strategy instead of comparing kind names, so a
+new kind is one class here (plus its checks in models.py's messages).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING, ClassVar
+
+import psycopg
+from psycopg import sql
+
+from chtsync.pipeline.session import q, value
+
+if TYPE_CHECKING:
+    from chtsync.config import Config
+    from chtsync.pipeline.graph import Model, Pipeline
+    from chtsync.pipeline.refresh import _State
+
+# A refresh that needs an exclusive lock (plain REFRESH, TRUNCATE) waits at most this long for
+# readers; queued behind a long query it would block every new reader too. Retried next run.
+EXCLUSIVE_LOCK_TIMEOUT = "2s"
+# More distinct values than this in one group column: recount everything instead.
+MAX_GROUP_VALUES = 10_000
+
+
+class Kind(StrEnum):
+    """What a model is built as and how it is refreshed (docs/pipeline.md)."""
+
+    VIEW = "view"
+    MATERIALIZED_VIEW = "materialized_view"
+    TABLE = "table"
+    INCREMENTAL = "incremental"  # rows keyed by document id; changed documents re-derived
+    AGGREGATE = "aggregate"  # GROUP BY over one incremental model; touched groups recounted
+
+
+def since(cfg: Config, snapshot: str) -> dict[str, object]:
+    """Parameters of the change probes (migrations/0010.change-probes.sql)."""
+    return {"schema": cfg.schema, "table": cfg.table, "snapshot": snapshot}
+
+
+Refreshed = tuple[int, int | None]  # (rows, changed documents or groups; None: built from scratch)
+
+
+class Strategy:
+    """A kind's create / refresh / rebuild. The defaults are a plain table built from scratch."""
+
+    kind: ClassVar[Kind]
+    relkind: ClassVar[str] = "r"  # pg_class.relkind of the object it creates
+    ddl: ClassVar[str] = "TABLE"  # CREATE <ddl> name AS ...
+    has_rows: ClassVar[bool] = True  # False: a view, reading live data; never refreshed or indexed
+    keyed: ClassVar[bool] = False  # needs a unique_key
+    key_meaning: ClassVar[str] = ""  # what the unique_key is, for the error when it is missing
+    by_document: ClassVar[bool] = False  # rows keyed by document id, re-derived per changed document
+    by_group: ClassVar[bool] = False  # groups over one by_document model, recounted per touched group
+    analyze_after_build: ClassVar[bool] = True  # ANALYZE once built from scratch by a refresh
+
+    def create_suffix(self, empty: bool) -> str:
+        """What follows CREATE ... AS <select>; empty: a model the refresh fills in batches."""
+        return ""
+
+    def rebuild(self, conn: psycopg.Connection, model: Model) -> int | None:
+        """Recompute the model from scratch inside the caller's transaction; return its rows."""
+        name = sql.Identifier(model.name)
+        conn.execute(q("truncate", model=name))
+        return conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount
+
+    def refresh(self, conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
+                aggregates: list[Model]) -> Refreshed:
+        """Bring the model up to date inside the caller's transaction; return (rows, changed)."""
+        conn.execute(q("local_lock_timeout"), (EXCLUSIVE_LOCK_TIMEOUT,))
+        return self.rebuild(conn, model), None
+
+
+class View(Strategy):
+    kind = Kind.VIEW
+    relkind, ddl, has_rows = "v", "VIEW", False
+
+    def rebuild(self, conn: psycopg.Connection, model: Model) -> int | None:
+        return None  # a view reads live data: nothing to recompute
+
+    def refresh(self, conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
+                aggregates: list[Model]) -> Refreshed:
+        raise AssertionError("a view is never refreshed")
+
+
+class MaterializedView(Strategy):
+    kind = Kind.MATERIALIZED_VIEW
+    relkind, ddl = "m", "MATERIALIZED VIEW"
+    # A concurrent refresh changes only what differs: its statistics are left to analyze_due.
+    analyze_after_build = False
+
+    def create_suffix(self, empty: bool) -> str:
+        return " WITH DATA"
+
+    def rebuild(self, conn: psycopg.Connection, model: Model) -> int | None:
+        name = sql.Identifier(model.name)
+        conn.execute(q("refresh_matview", model=name))
+        return value(conn, "count_rows", model=name)
+
+    def refresh(self, conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
+                aggregates: list[Model]) -> Refreshed:
+        if any(ix.unique for ix in model.spec.indexes):
+            name = sql.Identifier(model.name)
+            conn.execute(q("refresh_matview_concurrently", model=name))  # readers never wait
+            return value(conn, "count_rows", model=name), None
+        return super().refresh(conn, cfg, model, state, aggregates)
+
+
+class Table(Strategy):
+    kind = Kind.TABLE
+
+
+class Incremental(Strategy):
+    kind = Kind.INCREMENTAL
+    keyed, key_meaning, by_document = True, "first column = document _id", True
+
+    def create_suffix(self, empty: bool) -> str:
+        return " WITH NO DATA" if empty else ""
+
+    def refresh(self, conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
+                aggregates: list[Model]) -> Refreshed:
+        """Delete and re-derive the rows of documents written since the model's snapshot."""
+        name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
+        conn.execute(q("changed_ids_table"))
+        conn.execute(q("local_jit_off"))
+        changed = conn.execute(q("changed_ids_fill"), since(cfg, state.snapshot), prepare=False).rowcount
+        if changed == 0:
+            return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
+        conn.execute(q("changed_ids_analyze"))
+        for column in model.spec.reference_keys:
+            changed += conn.execute(q("changed_ids_referencing", model=name, key=key, column=sql.Identifier(column)),
+                                    prepare=False).rowcount
+        if model.spec.reference_keys:
+            conn.execute(q("changed_ids_analyze"))
+        record_groups(conn, aggregates, model, after=False)
+        deleted = conn.execute(q("incremental_delete", model=name, key=key), prepare=False).rowcount
+        inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body), prepare=False).rowcount
+        record_groups(conn, aggregates, model, after=True)
+        if state.rows is None:
+            return value(conn, "count_rows", model=name), changed
+        return state.rows - deleted + inserted, changed
+
+
+class Aggregate(Strategy):
+    kind = Kind.AGGREGATE
+    keyed, key_meaning, by_group = True, "the GROUP BY columns", True
+
+    def refresh(self, conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
+                aggregates: list[Model]) -> Refreshed:
+        """Recount the groups the upstream's refreshes recorded as touched (all of them after a
+        full build of the upstream)."""
+        name = sql.Identifier(model.name)
+        everything = state.snapshot is None
+        values: dict[str, set[str | None]] = {c: set() for c in model.spec.unique_key}
+        groups = 0
+        for whole, column, text in conn.execute(q("pending_take"), (model.name,)):
+            everything = everything or whole
+            if column in values:
+                values[column].add(text)
+                groups += 1
+        groups //= max(len(values), 1)
+        if everything or any(len(v) > MAX_GROUP_VALUES for v in values.values()):
+            conn.execute(q("delete_all", model=name))  # not TRUNCATE: readers keep reading meanwhile
+            return conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None
+        if groups == 0:
+            return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
+        conn.execute(q("local_jit_off"))
+        types = dict(conn.execute(q("column_types"), (model.name,)).fetchall())
+        condition = sql.SQL(" AND ").join(
+            q("group_filter", column=sql.Identifier(c), type=sql.SQL(types[c])) for c in values)
+        params: list[object] = []
+        for vals in values.values():
+            params += [sorted(v for v in vals if v is not None), None in vals]
+        deleted = conn.execute(q("aggregate_delete", model=name, condition=condition), params,
+                               prepare=False).rowcount
+        inserted = conn.execute(q("aggregate_insert", model=name, body=sql.SQL(model.sql), condition=condition),
+                                params, prepare=False).rowcount
+        if state.rows is None:
+            return value(conn, "count_rows", model=name), groups
+        return state.rows - deleted + inserted, groups
+
+
+STRATEGIES: dict[str, Strategy] = {s.kind.value: s() for s in (View, MaterializedView, Table, Incremental, Aggregate)}
+KINDS = tuple(STRATEGIES)
+
+
+def of(kind: str) -> Strategy:
+    """The strategy of a kind name (models.py has checked it is one of KINDS)."""
+    return STRATEGIES[kind]
+
+
+def aggregates_by_upstream(pipeline: Pipeline) -> dict[str, list[Model]]:
+    """The by_group models, under the name of the model they read."""
+    out: dict[str, list[Model]] = {}
+    for m in pipeline.models.values():
+        if of(m.kind).by_group:
+            out.setdefault(m.deps[0], []).append(m)
+    return out
+
+
+def record_groups(conn: psycopg.Connection, aggregates: list[Model], upstream: Model, *,
+                  after: bool) -> None:
+    """Record, for each aggregate reading this incremental model, the groups its changed rows
+    fall in: called before the delete (old rows) and after the insert (new rows)."""
+    if not aggregates:
+        return
+    name, key = sql.Identifier(upstream.name), sql.Identifier(upstream.spec.unique_key[0])
+    conn.execute(q("delta_add" if after else "delta_table", model=name, key=key))
+    for agg in aggregates:
+        pairs = sql.SQL(", ").join(sql.SQL("{}, g.{}").format(sql.Literal(c), sql.Identifier(c))
+                                   for c in agg.spec.unique_key)
+        conn.execute(q("pending_groups_record", pairs=pairs, body=sql.SQL(agg.delta_sql)),
+                     {"model": agg.name})
+    if after:
+        conn.execute(q("delta_drop"))
