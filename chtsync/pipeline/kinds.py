@@ -141,7 +141,7 @@ class Incremental(Strategy):
         if model.spec.reference_keys:
             conn.execute(q("changed_ids_analyze"))
         if changed <= ID_DRIVEN_MAX:
-            conn.execute(q("local_seqscan_off"))
+            conn.execute(q("local_id_driven"))
         record_groups(conn, aggregates, model, after=False)
         deleted = conn.execute(q("incremental_delete", model=name, key=key), prepare=False).rowcount
         inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body), prepare=False).rowcount

@@ -128,11 +128,13 @@ WHERE NOT EXISTS (SELECT 1 FROM chtsync_changed_ids AS c WHERE c.id = r.key)
 -- Without statistics the planner assumes a large table and scans the raw table.
 ANALYZE chtsync_changed_ids
 
--- name: local_seqscan_off
+-- name: local_id_driven
 -- A run re-derives a few documents: the changed ids must drive the join through the raw table's
 -- primary key. With the planner's default guess for `doc ->> 'type' = ...` (0.5 %) a model over a
--- rare type looked cheap to scan whole: ~0.9 s per run at 200k documents, growing with the table.
-SELECT set_config('enable_seqscan', 'off', true)
+-- rare type looked cheap to read whole, by a scan or by a merge join that walks the whole primary
+-- key expecting to stop early: ~0.9 s per run at 200k documents, growing with the table; 1.5 ms
+-- by id (measured).
+SELECT set_config('enable_seqscan', 'off', true), set_config('enable_mergejoin', 'off', true)
 
 -- name: local_jit_off
 -- A run touches few rows: compiling its plans (JIT, chosen on estimated cost, which a stale
