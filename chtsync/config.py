@@ -78,6 +78,10 @@ class Config:
     batch_size: int = 1000
     page_bytes: int = 16 * 2**20  # a _changes page stays under this (unless one document is bigger)
     heartbeat_ms: int = 10000
+    # The first sync of a database with at least first_sync_min_docs documents reads it in
+    # first_sync_readers parallel key ranges of _all_docs (chtsync/first_sync.py); 1 = feed only.
+    first_sync_readers: int = 4
+    first_sync_min_docs: int = 50_000
     models: Path = field(default_factory=paths.default_models)
     refresh_interval: float = 5.0
     metrics_port: int | None = None
@@ -114,7 +118,7 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "postgres": {
         "host", "port", "user", "password", "password_file", "db", "schema", "table", "url",
     },
-    "sync": {"batch_size", "page_bytes", "heartbeat_ms"},
+    "sync": {"batch_size", "page_bytes", "heartbeat_ms", "first_sync_readers", "first_sync_min_docs"},
     "pipeline": {"models", "interval"},
     "metrics": {"port", "host"},
     "log": {"level", "format"},
@@ -467,6 +471,10 @@ def load(
         page_bytes=_int("PAGE_BYTES", env.get("PAGE_BYTES") or sync.get("page_bytes", 16 * 2**20),
                         4096, 2**31 - 1),
         heartbeat_ms=_int("sync.heartbeat_ms", sync.get("heartbeat_ms", 10000), 1000, 60000),
+        first_sync_readers=_int("FIRST_SYNC_READERS", env.get("FIRST_SYNC_READERS")
+                                or sync.get("first_sync_readers", 4), 1, 16),
+        first_sync_min_docs=_int("FIRST_SYNC_MIN_DOCS", env.get("FIRST_SYNC_MIN_DOCS")
+                                 or sync.get("first_sync_min_docs", 50_000), 0),
         models=models,
         refresh_interval=_float("DATAEMON_INTERVAL", interval, 0.1),
         metrics_port=None if metrics_port in (None, "") else _int("METRICS_PORT", metrics_port, 1, 65535),

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import psycopg
 
-from chtsync import db, queries
+from chtsync import db, first_sync, queries
 from chtsync.config import Config, CouchSource
 from chtsync.couch import (
     CouchAuthError,
@@ -36,7 +36,7 @@ from chtsync.couch import (
     short_seq,
 )
 from chtsync.errors import Stopped
-from chtsync.store import SourceMarks, Store, UnreadablePage
+from chtsync.store import RangePage, SourceMarks, Store, UnreadablePage
 
 log = logging.getLogger("chtsync.follower")
 T = TypeVar("T")
@@ -181,6 +181,8 @@ class Follower:
         await self._acquire_lease(conn)
         stored, self.marks = await self.store.checkpoint(conn, self.name)
         since = await self._check_database(conn, stored or "0", fresh=stored is None)
+        if self.marks.first_sync_seq is not None or stored is None:
+            since = await self._first_sync(conn, since)
         self.stats.seq = since
         await self._set_state("catching up", None)
         caught_up = False
@@ -279,6 +281,45 @@ class Follower:
         return since, caught_up, ahead
 
     # -- pieces -----------------------------------------------------------------------------
+
+    async def _first_sync(self, conn: psycopg.AsyncConnection, since: str) -> str:
+        """A big database never synced before (or a first sync left half done): its documents
+        in parallel key ranges (chtsync/first_sync.py), then the feed from the seq taken before
+        the first range. Returns where the feed starts."""
+        seq, after = self.marks.first_sync_seq, self.marks.first_sync_after
+        info = await self._db_info()
+        if seq is None:
+            if self.cfg.first_sync_readers < 2 or info.doc_count < self.cfg.first_sync_min_docs:
+                return since
+            seq = info.update_seq  # before any range is read: every later change is in the feed
+            await self.store.first_sync_begin(conn, self.name, seq, info.doc_count)
+            log.info("first sync source=%s: %d documents in %d key ranges, %d at a time",
+                     self.name, info.doc_count, len(first_sync.RANGES), self.cfg.first_sync_readers)
+        else:
+            log.info("first sync source=%s: resumed from key %r", self.name, after)
+        self.stats.pending = info.doc_count
+        await self._set_state("catching up", None)
+
+        async def on_page(progress: first_sync.Progress, page: RangePage) -> None:
+            self._problems.clear()
+            self._account(page.written, page.refused, max(0, info.doc_count - progress.rows), "0")
+            if page.rows < 2 or self.stats.pages % 100 == 0:
+                log.debug("first sync source=%s ranges=%d/%d rows=%d written=%d", self.name,
+                          progress.ranges_done, progress.ranges, progress.rows, progress.written)
+
+        async def on_unreadable(where: str, exc: UnreadablePage) -> None:
+            self._count_error("unreadable_page")
+            if (where, exc.kind) not in self._problems:
+                self._problems.add((where, exc.kind))
+                await self.store.record_unreadable(conn, self.name, where, exc)
+
+        await first_sync.FirstSync(
+            self.cfg, self.client, self.db, self.name, self.store, conn, self.stop,
+            on_page=on_page, on_unreadable=on_unreadable,
+        ).run(seq, after, info.doc_count)
+        self.marks = replace(self.marks, first_sync_seq=None, first_sync_after=None)
+        self.stats.seq = seq
+        return seq
 
     async def _acquire_lease(self, conn: psycopg.AsyncConnection) -> None:
         key = db.lock_key(self.cfg, "source:" + self.name)

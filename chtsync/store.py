@@ -83,6 +83,18 @@ class SourceMarks:
     instance: str | None = None  # CouchDB 3 database creation time
     purge_seq: str | None = None  # purges applied up to here
     verify_due: str | None = None  # why a verify --repair is owed, if one is
+    first_sync_seq: str | None = None  # a first sync in key ranges is under way from this seq
+    first_sync_after: str | None = None  # ... and every range before this key is written
+
+
+@dataclass
+class RangePage:
+    """One _all_docs page of a first sync, written."""
+
+    rows: int
+    written: int
+    refused: int
+    last_id: str | None  # where the range's next page starts (inclusive)
 
 
 class UnreadablePage(Exception):
@@ -147,7 +159,7 @@ class Store:
         """(stored seq, what it belongs to)."""
         cur = await conn.execute(queries.get("get_checkpoint"), {"source": source})
         row = await cur.fetchone()
-        return (row[0], SourceMarks(row[1], row[2], row[3])) if row else (None, SourceMarks())
+        return (row[0], SourceMarks(*row[1:6])) if row else (None, SourceMarks())
 
     async def set_marks(self, conn: psycopg.AsyncConnection, source: str, marks: SourceMarks) -> None:
         await conn.execute(queries.get("set_source_marks"), {
@@ -186,6 +198,54 @@ class Store:
                 raise
             log.warning("page refused source=%s reason=%s; splitting", source, _reason(exc))
             return await self._ingest_parsed(conn, source, body, limit)
+
+    # -- the first sync in key ranges (chtsync/first_sync.py) -------------------------------
+
+    async def first_sync_begin(
+        self, conn: psycopg.AsyncConnection, source: str, seq: str, pending: int | None,
+    ) -> None:
+        await conn.execute(queries.get("first_sync_begin"),
+                           {"source": source, "seq": seq, "pending": pending})
+
+    async def first_sync_page(self, conn: psycopg.AsyncConnection, source: str, body: bytes) -> RangePage:
+        """Store one `_all_docs?include_docs` page; no checkpoint moves. Runs inside the
+        caller's transaction (which may also move the first sync's progress). Raises
+        UnreadablePage when the body is no `_all_docs` page (nothing written)."""
+        if b"\\u0000" not in body and b"\x00" not in body:
+            try:
+                async with conn.transaction():  # a savepoint: a refusal leaves the caller's open
+                    cur = await conn.execute(queries.get("first_sync_page"), {
+                        "table": self.table, "source": source, "page": Utf8Text(body)})
+                    row = await cur.fetchone()
+                assert row is not None
+                return RangePage(row[0], row[1], 0, row[2])
+            except psycopg.Error as exc:
+                if not is_data_error(exc):
+                    raise
+                log.warning("first sync page refused source=%s reason=%s; splitting", source, _reason(exc))
+        # What Postgres refuses (or cannot take at all: a NUL) is split down to the documents.
+        rows = _parse_rows(body)
+        totals = PageResult(None, None, len(rows), 0)
+        storable = []
+        for item in rows:
+            why = _unstorable_id(item)
+            if why is None:
+                storable.append(item)
+                continue
+            await self._refuse(conn, source, item, why)
+            totals.refused += 1
+        await self._store_parts(conn, source, storable, totals)
+        last = rows[-1].get("id") if rows and isinstance(rows[-1], dict) else None
+        return RangePage(len(rows), totals.written, totals.refused, last if isinstance(last, str) else None)
+
+    async def first_sync_progress(
+        self, conn: psycopg.AsyncConnection, source: str, after: str | None, pending: int | None,
+    ) -> None:
+        await conn.execute(queries.get("first_sync_progress"),
+                           {"source": source, "after": after, "pending": pending})
+
+    async def first_sync_finish(self, conn: psycopg.AsyncConnection, source: str, seq: str) -> None:
+        await conn.execute(queries.get("first_sync_finish"), {"source": source, "seq": seq})
 
     async def record_unreadable(
         self, conn: psycopg.AsyncConnection, source: str, since: str, problem: UnreadablePage,
@@ -260,21 +320,35 @@ class Store:
         log.warning("document refused source=%s id=%s reason=%s", source, storable_text(doc_id), reason)
 
 
-def _parse_page(body: bytes) -> dict[str, Any]:
-    """The page as Python objects. Invalid UTF-8 bytes become lone surrogates inside their
-    strings (surrogateescape), so only the documents holding them are refused later."""
+def _parse_json(body: bytes) -> tuple[Any, str]:
+    """(the body as Python objects, its start as text for an error row). Invalid UTF-8 bytes
+    become lone surrogates inside their strings (surrogateescape), so only the documents
+    holding them are refused later."""
     text = body.decode("utf-8", "surrogateescape")
     raw = text[:PAGE_RAW_LIMIT].encode("utf-8", "replace").decode("utf-8")
     try:
         with _deep_json():
-            page = json.loads(text, strict=False)  # a raw control character is no reason
+            return json.loads(text, strict=False), raw  # a raw control character is no reason
     except (ValueError, RecursionError) as exc:
         raise UnreadablePage("not JSON (cut short or garbled)", str(exc), raw) from None
+
+
+def _parse_page(body: bytes) -> dict[str, Any]:
+    """A _changes page as Python objects."""
+    page, raw = _parse_json(body)
     if not isinstance(page, dict) or not isinstance(page.get("results"), list):
         raise UnreadablePage('no "results" list', "", raw)
     if page.get("last_seq") is None:
         raise UnreadablePage('no "last_seq"', "", raw)
     return page
+
+
+def _parse_rows(body: bytes) -> list[Any]:
+    """The rows of an `_all_docs` page as Python objects."""
+    page, raw = _parse_json(body)
+    if not isinstance(page, dict) or not isinstance(page.get("rows"), list):
+        raise UnreadablePage('no "rows" list', "", raw)
+    return page["rows"]
 
 
 def _pending(page: dict[str, Any], count: int, limit: int) -> dict[str, Any]:
