@@ -291,6 +291,10 @@ class Follower:
         if seq is None:
             if self.cfg.first_sync_readers < 2 or info.doc_count < self.cfg.first_sync_min_docs:
                 return since
+            if not await self._until_stopped(self.client.is_apache_couchdb(), None):
+                log.info("first sync source=%s: from the feed (key ranges are read from Apache"
+                         " CouchDB only)", self.name)
+                return since
             seq = info.update_seq  # before any range is read: every later change is in the feed
             await self.store.first_sync_begin(conn, self.name, seq, info.doc_count)
             log.info("first sync source=%s: %d documents in %d key ranges, %d at a time",
