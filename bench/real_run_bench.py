@@ -9,6 +9,7 @@ first build of every model from scratch at this size (each model's snapshot clea
 `refresh_once` rebuilds it the way it builds a new model: in batches).
 
 Usage: python bench/real_run_bench.py --docs 200000 [--latency-seconds 30] [--idle 30] [--no-write]
+       [--couchdb-url http://admin:pass@127.0.0.1:5984]  (a CouchDB loaded by an earlier run)
 (10M: `--docs 10000000`; CouchDB needs ~2 KB of disk per document, set TMPDIR to a big disk.)
 """
 
@@ -34,12 +35,14 @@ sys.path.insert(0, str(ROOT))
 from bench.report import machine, write_section  # noqa: E402
 from bench.run_bench import cpu_seconds, pct, rss_mb  # noqa: E402
 from chtsync import config, db, pipeline  # noqa: E402
-from tests.servers import ADMIN, CouchDBServer  # noqa: E402
+from chtsync.couch import page_trailer  # noqa: E402
+from tests.servers import ADMIN, CouchDBServer, ExternalCouchDB  # noqa: E402
 
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 DB = "chtsync_bench_real"
 DBS = "medic,medic-users-meta"
 CHANGED = 100
+AUTH = ADMIN  # the CouchDB admin: the test bed's, or the one in --couchdb-url
 
 
 def fresh_db() -> str:
@@ -50,21 +53,26 @@ def fresh_db() -> str:
 
 
 def env(couch_url: str) -> dict[str, str]:
-    return dict(os.environ, COUCHDB_URL=couch_url, COUCHDB_USER=ADMIN[0], COUCHDB_PASSWORD=ADMIN[1],
+    return dict(os.environ, COUCHDB_URL=couch_url, COUCHDB_USER=AUTH[0], COUCHDB_PASSWORD=AUTH[1],
                 COUCHDB_DBS=DBS, POSTGRES_HOST="127.0.0.1", POSTGRES_USER="postgres", POSTGRES_DB=DB,
                 CHTSYNC_CONFIG=os.devnull, LOG_LEVEL="INFO")
 
 
 def changes_rate(url: str, database: str) -> tuple[int, float]:
-    """The server's own single-stream rate: _changes with bodies, pages of 1000, to the end."""
-    docs, since, started = 0, "0", time.monotonic()
-    with httpx.Client(auth=ADMIN, timeout=120) as client:
+    """The server's own single-stream rate: _changes with bodies, pages of 1000, to the end. The
+    reader does no more than any reader must: it finds last_seq and pending in each page's
+    trailer (no JSON parsing of the documents)."""
+    docs, since, started = None, "0", time.monotonic()
+    with httpx.Client(auth=AUTH, timeout=120) as client:
         while True:
-            page = client.get(f"{url}/{database}/_changes",
-                              params={"include_docs": "true", "limit": 1000, "since": since}).json()
-            docs += len(page["results"])
-            since = page["last_seq"]
-            if len(page["results"]) < 1000:
+            body = client.get(f"{url}/{database}/_changes",
+                              params={"include_docs": "true", "limit": 1000, "since": since}).content
+            trailer = page_trailer(body)
+            assert trailer is not None and trailer[1] is not None, body[-300:]
+            since, pending = trailer
+            if docs is None:
+                docs = pending + min(1000, body.count(b'"seq":'))
+            if pending == 0:
                 return docs, docs / (time.monotonic() - started)
 
 
@@ -124,15 +132,25 @@ def latency(admin: httpx.Client, couch_url: str, conn: psycopg.Connection, secon
     return [seen[k] - t for k, t in written.items() if k in seen]
 
 
-def bench(docs: int, latency_seconds: float, idle_seconds: float) -> dict[str, object]:
+def loaded(url: str) -> int:
+    """Documents already in medic (0 when it does not exist)."""
+    r = httpx.get(f"{url}/medic", auth=AUTH, timeout=30)
+    return r.json().get("doc_count", 0) if r.status_code == 200 else 0
+
+
+def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str | None) -> dict[str, object]:
+    global AUTH
     out: dict[str, object] = {"docs": docs}
-    server = CouchDBServer().start()
+    server: CouchDBServer | ExternalCouchDB = (
+        ExternalCouchDB(couch_url).start() if couch_url else CouchDBServer().start())
+    AUTH = server.auth
     proc = None
     try:
-        load = subprocess.run([sys.executable, "-m", "chtsync", "sample", "--docs", str(docs), "--no-bad",
-                               "--couchdb-url", server.url], env=env(server.url), cwd=ROOT,
-                              capture_output=True, text=True, check=True)
-        print(load.stdout.strip() or load.stderr.strip().splitlines()[-1], flush=True)
+        if loaded(server.url) < docs * 0.9:  # a server from an earlier run keeps its documents
+            load = subprocess.run([sys.executable, "-m", "chtsync", "sample", "--docs", str(docs), "--no-bad",
+                                   "--couchdb-url", server.url], env=env(server.url), cwd=ROOT,
+                                  capture_output=True, text=True, check=True)
+            print(load.stdout.strip() or load.stderr.strip().splitlines()[-1], flush=True)
         out["changes_docs"], out["changes_rate"] = changes_rate(server.url, "medic")
         dsn = fresh_db()
         log_path = Path(tempfile.gettempdir()) / "chtsync-real-run.log"
@@ -154,7 +172,7 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float) -> dict[str, o
             before = cpu_seconds(proc.pid)
             time.sleep(idle_seconds)
             out["idle_cpu_pct"] = 100 * (cpu_seconds(proc.pid) - before) / idle_seconds
-            with httpx.Client(auth=ADMIN, timeout=60) as admin:
+            with httpx.Client(auth=AUTH, timeout=60) as admin:
                 lat = latency(admin, server.url, conn, latency_seconds)
             out["latency_p50"], out["latency_p95"], out["latency_n"] = pct(lat, 0.5), pct(lat, 0.95), len(lat)
         sampler.done.set()
@@ -177,7 +195,7 @@ def cycle_and_builds(couch_url: str) -> dict[str, object]:
     cfg = config.load(env={k: v for k, v in env(couch_url).items() if k.startswith(("COUCHDB", "POSTGRES"))},
                       search=False)
     out: dict[str, object] = {}
-    with httpx.Client(auth=ADMIN, timeout=60) as client:
+    with httpx.Client(auth=AUTH, timeout=60) as client:
         rows = client.post(f"{couch_url}/medic/_find", json={
             "selector": {"type": "data_record", "form": {"$exists": True}}, "limit": CHANGED}).json()["docs"]
         for doc in rows:
@@ -234,9 +252,11 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=200_000)
     parser.add_argument("--latency-seconds", type=float, default=30)
     parser.add_argument("--idle", type=float, default=30)
+    parser.add_argument("--couchdb-url", help="a running CouchDB with an admin in the URL (loaded by an"
+                        " earlier run, or loaded now); default: a new one from ../shared/couchdb")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
-    result = bench(args.docs, args.latency_seconds, args.idle)
+    result = bench(args.docs, args.latency_seconds, args.idle, args.couchdb_url)
     print(result, flush=True)
     text = report(result, f"python bench/real_run_bench.py --docs {args.docs}")
     print(text)
