@@ -140,7 +140,7 @@ def loaded(url: str) -> int:
 
 def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str | None) -> dict[str, object]:
     global AUTH
-    out: dict[str, object] = {"docs": docs}
+    out: dict[str, object] = {"docs": docs, "load": os.getloadavg()[0]}
     server: CouchDBServer | ExternalCouchDB = (
         ExternalCouchDB(couch_url).start() if couch_url else CouchDBServer().start())
     AUTH = server.auth
@@ -152,6 +152,14 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str
                                   capture_output=True, text=True, check=True)
             print(load.stdout.strip() or load.stderr.strip().splitlines()[-1], flush=True)
         out["changes_docs"], out["changes_rate"] = changes_rate(server.url, "medic")
+        # The same sync from the feed alone (one _changes stream, FIRST_SYNC_READERS=1).
+        fresh_db()
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], cwd=ROOT, check=True,
+                       env={**env(server.url), "FIRST_SYNC_READERS": "1", "COUCHDB_DBS": "medic"},
+                       capture_output=True)
+        out["feed_s"] = time.monotonic() - started
+        out["feed_rate"] = out["changes_docs"] / out["feed_s"]
         dsn = fresh_db()
         log_path = Path(tempfile.gettempdir()) / "chtsync-real-run.log"
         with open(log_path, "w") as log:
@@ -225,12 +233,16 @@ def cycle_and_builds(couch_url: str) -> dict[str, object]:
 def report(r: dict[str, object], command: str) -> str:
     lines = [
         f"`{command}` on {machine(ADMIN_DSN)}, real Apache CouchDB 3.4.3 from ../shared/couchdb,"
-        f" documents from `chtsync sample`. The machine is shared with other work (2 cores): expect"
-        " about 20 % spread between runs.", "",
+        f" documents from `chtsync sample`, 2 cores; 1-minute load average when the run began:"
+        f" {r['load']:.1f} (other work on the machine slows every row alike).", "",
         "| measure | value |", "|---|---:|",
         f"| CouchDB's own `_changes?include_docs=true`, pages of 1000 (medic) | {r['changes_rate']:,.0f} docs/s |",
-        f"| initial sync by `chtsync run` (rows in the raw table) | {r['raw_rows']:,} in {r['sync_s']:.0f} s"
-        f" = {r['sync_rate']:,.0f} docs/s |",
+        f"| the feed alone: `chtsync sync --once` of medic with `FIRST_SYNC_READERS=1` (process start and"
+        f" migrations included) | {r['feed_s']:.0f} s = {r['feed_rate']:,.0f} docs/s"
+        f" ({r['feed_rate'] / r['changes_rate']:.2f}x) |",
+        f"| initial sync by `chtsync run`, medic and medic-users-meta (first sync in key ranges, rows in the raw"
+        f" table) | {r['raw_rows']:,} in {r['sync_s']:.0f} s = {r['sync_rate']:,.0f} docs/s"
+        f" ({r['sync_rate'] / r['changes_rate']:.2f}x) |",
         f"| time until every model has data (from start) | {r['models_s']:.0f} s |",
         f"| peak RSS of `chtsync run` | {r['peak_rss_mb']:.0f} MB |",
         f"| idle CPU of `chtsync run` | {r['idle_cpu_pct']:.2f} % of a core |",
