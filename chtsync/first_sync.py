@@ -103,6 +103,7 @@ class FirstSync:
                 try:
                     async with self.conn.transaction():
                         stored = await self.store.first_sync_page(self.conn, self.source, page.body)
+                        page.body = b""  # freed before its reader asks for the next page
                         if stored.rows >= page.limit and stored.last_id is None:
                             raise UnreadablePage("page without a last id", "", "")
                         if stored.rows < page.limit:
