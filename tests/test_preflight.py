@@ -84,6 +84,8 @@ CASES = [
     Case("schema-injection", ["migrate"], "POSTGRES_SCHEMA: 'v1; drop' is not a plain SQL name",
          env={"POSTGRES_SCHEMA": "v1; drop"}),
     Case("batch-size-0", ["run"], "BATCH_SIZE: must be between 1 and 10000", env={"BATCH_SIZE": "0"}),
+    Case("first-sync-readers", ["run"], "FIRST_SYNC_READERS: must be between 1 and 16",
+         env={"FIRST_SYNC_READERS": "100"}),
     Case("couchdb-url-ftp", ["run"], "COUCHDB_URL: expected http(s)://host:port", env={"COUCHDB_URL": "ftp://x"}),
     Case("log-level", ["run"], "LOG_LEVEL: expected DEBUG", env={"LOG_LEVEL": "loud"}),
     # The cases of issue 14.

@@ -37,6 +37,10 @@ def test_defaults_and_the_shipped_config_file() -> None:
     assert cfg.sources[0].url == "http://couch:5984" and cfg.sources[0].dbs == ("medic",)
     assert (cfg.schema, cfg.table, cfg.batch_size, cfg.refresh_interval) == ("v1", "couchdb", 1000, 5.0)
     assert cfg.metrics_port is None and cfg.log_format == "text"
+    assert (cfg.first_sync_readers, cfg.first_sync_min_docs) == (4, 50_000)
+    tuned = load(ROOT / "config.yaml", env={"COUCHDB_HOST": "couch", "FIRST_SYNC_READERS": "1",
+                                            "FIRST_SYNC_MIN_DOCS": "0"})
+    assert (tuned.first_sync_readers, tuned.first_sync_min_docs) == (1, 0)
 
 
 def test_env_wins_over_file_and_urls_carry_credentials(tmp_path: Path) -> None:
@@ -70,6 +74,10 @@ def test_password_files(tmp_path: Path) -> None:
     ({"COUCHDB_HOST": "h", "COUCHDB_DBS": "Medic"}, "'Medic' is not a valid CouchDB database name"),
     ({"COUCHDB_HOST": "h", "POSTGRES_SCHEMA": "v1; drop"}, "POSTGRES_SCHEMA: 'v1; drop' is not a plain SQL name"),
     ({"COUCHDB_HOST": "h", "BATCH_SIZE": "0"}, "BATCH_SIZE: must be between 1 and 10000"),
+    ({"COUCHDB_HOST": "h", "FIRST_SYNC_READERS": "0"}, "FIRST_SYNC_READERS: must be between 1 and 16"),
+    ({"COUCHDB_HOST": "h", "FIRST_SYNC_READERS": "64"}, "FIRST_SYNC_READERS: must be between 1 and 16"),
+    ({"COUCHDB_HOST": "h", "FIRST_SYNC_MIN_DOCS": "-1"}, "FIRST_SYNC_MIN_DOCS: must be between 0 and"),
+    ({"COUCHDB_HOST": "h", "FIRST_SYNC_MIN_DOCS": "lots"}, "FIRST_SYNC_MIN_DOCS: expected a whole number"),
     ({"COUCHDB_URL": "ftp://x"}, "COUCHDB_URL: expected http(s)://host:port"),
     ({"COUCHDB_HOST": "h", "LOG_LEVEL": "loud"}, "LOG_LEVEL: expected DEBUG"),
     ({"COUCHDB_URL": "http://h:99999"}, "COUCHDB_URL: the port must be a number between 1 and 65535"),
