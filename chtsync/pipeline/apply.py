@@ -168,13 +168,18 @@ def _restore(conn: psycopg.Connection, view: _SavedView) -> None:
     conn.execute(q("create_object", kind=kind, relation=view.ident, body=sql.SQL(view.definition), suffix=sql.SQL("")))
     for statement in view.indexes:
         conn.execute(sql.SQL(statement))  # pg_get_indexdef: a complete, qualified CREATE INDEX
-    for grant in view.grants:
-        if not PRIVILEGE.match(grant["privilege"]):
-            raise ValueError(f"unexpected privilege {grant['privilege']!r}")
+    grant(conn, view.ident, view.grants)
+
+
+def grant(conn: psycopg.Connection, relation: sql.Identifier, grants: list[dict]) -> None:
+    """Grant again what aclexplode listed on an object being replaced (view_definition)."""
+    for g in grants:
+        if not PRIVILEGE.match(g["privilege"]):
+            raise ValueError(f"unexpected privilege {g['privilege']!r}")
         conn.execute(q(
-            "grant_privilege", privilege=sql.SQL(grant["privilege"]), relation=view.ident,
-            grantee=sql.SQL("PUBLIC") if grant["grantee"] is None else sql.Identifier(grant["grantee"]),
-            grant_option=sql.SQL(" WITH GRANT OPTION" if grant["grantable"] else "")))
+            "grant_privilege", privilege=sql.SQL(g["privilege"]), relation=relation,
+            grantee=sql.SQL("PUBLIC") if g["grantee"] is None else sql.Identifier(g["grantee"]),
+            grant_option=sql.SQL(" WITH GRANT OPTION" if g["grantable"] else "")))
 
 
 # VOLATILE built-ins that only produce a value; any other VOLATILE function may write.
@@ -194,27 +199,46 @@ def check_read_only(conn: psycopg.Connection, model: Model) -> None:
             " reads; call a STABLE or IMMUTABLE function instead")
 
 
-def create_model(conn: psycopg.Connection, model: Model, empty: bool = False) -> int | None:
-    """Create the model's object and indexes; return its row count (None for a view). With
-    empty=True an incremental model is created without rows, for the refresh to build it in
-    batches (refresh._build)."""
+def shadow_name(model: str) -> str:
+    """The table a rebuild fills beside the model before swapping them (pipeline/shadow.py)."""
+    return f"{model[:47]}__chtsync_new"
+
+
+def _indexes(model: Model) -> list[tuple[str, sql.Composable]]:
+    """The model's indexes: (name suffix, what follows ON <relation>)."""
+    out = []
+    for i, ix in enumerate(model.spec.indexes):
+        out.append((f"ix{i}", q(
+            "model_index_body", method=sql.SQL(ix.method),
+            columns=sql.SQL(f"({ix.expression})") if ix.expression  # normalized by pglast
+            else sql.SQL(", ").join(map(sql.Identifier, ix.columns)))))
+    key = model.spec.unique_key[:1]
+    if of(model.kind).by_document and not any(
+            ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):
+        # Each run deletes by the key: without an index that is a scan of the whole table.
+        out.append(("key", q("model_index_body", method=sql.SQL("btree"), columns=sql.Identifier(key[0]))))
+    return out
+
+
+def index_suffixes(model: Model) -> list[str]:
+    return [suffix for suffix, _ in _indexes(model)]
+
+
+def create_model(conn: psycopg.Connection, model: Model, empty: bool = False,
+                 relation: str | None = None) -> int | None:
+    """Create the model's object and indexes (as `relation`: a rebuild's shadow); return its row
+    count (None for a view). With empty=True an incremental model is created without rows, for
+    the refresh to build it in batches (refresh._build)."""
     check_read_only(conn, model)
-    name, strategy = sql.Identifier(model.name), of(model.kind)
+    relation = relation or model.name
+    name, strategy = sql.Identifier(relation), of(model.kind)
     cur = conn.execute(q("create_object", kind=sql.SQL(strategy.ddl), relation=name,
                          body=sql.SQL(model.sql), suffix=sql.SQL(strategy.create_suffix(empty))))
     rows = cur.rowcount if strategy.has_rows else None
-    for i, ix in enumerate(model.spec.indexes):
-        conn.execute(q(
-            "create_model_index", unique=sql.SQL("UNIQUE " if ix.unique else ""),
-            index=sql.Identifier(index_name(model.name, f"ix{i}")), relation=name, method=sql.SQL(ix.method),
-            columns=sql.SQL(f"({ix.expression})") if ix.expression  # normalized by pglast
-            else sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
-    key = model.spec.unique_key[:1]
-    if strategy.by_document and not any(
-            ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):
-        # Each run deletes by the key: without an index that is a scan of the whole table.
-        conn.execute(q("create_key_index", index=sql.Identifier(index_name(model.name, "key")), relation=name,
-                       column=sql.Identifier(key[0])))
+    unique = {f"ix{i}" for i, ix in enumerate(model.spec.indexes) if ix.unique}
+    for suffix, body in _indexes(model):
+        conn.execute(q("create_model_index", unique=sql.SQL("UNIQUE " if suffix in unique else ""),
+                       index=sql.Identifier(index_name(relation, suffix)), relation=name, body=body))
     return rows
 
 
@@ -246,6 +270,10 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
             conn.execute(q("drop_object", kind=sql.SQL(DROP[view.relkind]), relation=view.ident))
         for name in drop_order:
             _run(conn, name, q("drop_object", kind=sql.SQL(DROP[existing[name]]), relation=sql.Identifier(name)))
+        for step in plan.steps:  # a rebuild left unfinished belongs to the old definition
+            shadow = shadow_name(step.name)
+            if step.action != "unchanged" and shadow in existing:
+                conn.execute(q("drop_object", kind=sql.SQL(DROP[existing[shadow]]), relation=sql.Identifier(shadow)))
         for step in plan.steps:
             if step.action in ("drop", "create", "replace"):
                 conn.execute(q("pending_clear"), (step.name,))  # groups an aggregate had waiting
