@@ -5,8 +5,10 @@ model keep working)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -254,3 +256,40 @@ def test_rebuild_of_a_table_and_a_matview_swaps_too(pg: psycopg.Connection, cfg:
     assert pg.execute("SELECT count(*) FROM snap").fetchone() == (6,)
     assert pg.execute("SELECT n FROM mv").fetchone() == (6,)
     assert {r[0] for r in pg.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'snap'")} == {"snap_ix0"}
+
+
+def test_apply_builds_a_changed_model_beside_the_old_one(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                                         docs: Docs, small: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    models.set("named", "SELECT uuid, name FROM person")  # a view over it, rebuilt by apply
+    docs.put(*(person(i) for i in range(20)))
+    pg.execute("ANALYZE couchdb")
+    pipeline.apply(cfg, pg)
+    pipeline.refresh_once(cfg, pg)
+    oid = pg.execute("SELECT 'person'::regclass::oid").fetchone()[0]
+    logged: list[str] = []
+    original = refresh_mod._build
+
+    def spy(*args: Any, **kwargs: Any) -> Any:  # the real _build, watched
+        logged.append(args[3])
+        seen = pg.execute("SELECT count(*) FROM person").fetchone()[0]  # readers: the old table
+        assert seen == 20
+        return original(*args, **kwargs)
+
+    # chtsync.pipeline.apply is also the name of the function the package exports
+    monkeypatch.setattr(sys.modules["chtsync.pipeline.apply"], "_build", spy)
+    models.set("person", "SELECT _id AS uuid, source, upper(doc ->> 'name') AS name, doc ->> 'parent' AS parent"
+               " FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person'", kind="incremental",
+               unique_key=["uuid", "source"])
+    docs.put(person(60, "New"))
+    plan = pipeline.apply(cfg, pg)
+    assert logged == ["person__chtsync_new"]  # built in batches before the apply transaction
+    assert {s.name: s.action for s in plan.steps}["person"] == "replace"
+    assert pg.execute("SELECT 'person'::regclass::oid").fetchone()[0] != oid
+    assert pg.execute("SELECT to_regclass('person__chtsync_new')").fetchone() == (None,)
+    assert records(pg)["person"]["build_into"] is None
+    assert pg.execute("SELECT count(*) FROM named WHERE name = 'NEW'").fetchone() == (1,)
+    assert diff_with_rebuild(pg, graph.load(cfg).models["person"]) == 0
+    docs.put(person(61, "Newer"))
+    assert by_name(pipeline.refresh_once(cfg, pg))["person"].changed == 1  # incremental from here on
+    assert_exact(pg, cfg)

@@ -22,7 +22,7 @@ from chtsync.errors import ModelBuildError, PlanConflict
 from chtsync.pipeline import graph
 from chtsync.pipeline.graph import Model, Pipeline
 from chtsync.pipeline.kinds import STRATEGIES, of
-from chtsync.pipeline.refresh import analyze
+from chtsync.pipeline.refresh import Built, _build, analyze
 from chtsync.pipeline.session import autocommit, first_line, q, value
 
 log = logging.getLogger("chtsync.pipeline")
@@ -255,7 +255,72 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
     """Create, replace and drop models so the schema matches models.yaml, all in one transaction
     under the pipeline lock; return the plan carried out. Unchanged models are not touched."""
     pipeline = pipeline or graph.load(cfg)
-    with autocommit(conn), conn.transaction():
+    key = (db.LOCK_CLASS, db.lock_key(cfg, "pipeline"))
+    with autocommit(conn):
+        conn.execute(q("pipeline_lock"), key)
+        try:
+            prebuilt = _prebuild(cfg, conn, pipeline, adopt)
+            plan = _apply(cfg, conn, pipeline, adopt, prebuilt)
+        finally:
+            conn.execute(q("pipeline_unlock"), key)
+    # Built in one statement each: give the planner their statistics before the first refresh
+    # (incremental models are created empty, and analyzed once the refresh has built them).
+    with autocommit(conn):
+        for step in plan.steps:
+            built_here = step.action == "replace" or (step.action == "create" and not of(step.kind).by_document)
+            if built_here and of(step.kind).has_rows:
+                analyze(conn, step.name)
+    for step in plan.steps:
+        if step.action != "unchanged":
+            log.info("model %s name=%s kind=%s reason=%s", step.action, step.name, step.kind, step.reason)
+    return plan
+
+
+def _prebuild(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, adopt: bool) -> dict[str, Built]:
+    """Build the new version of each replaced incremental model that reads no other replaced
+    model into its shadow table, in batches, before the apply transaction (readers keep the old
+    object meanwhile; a stopped apply resumes it). Models downstream of a replaced one read its
+    new version, which exists only inside that transaction: they are built there."""
+    plan = _compute(conn, pipeline)
+    if plan.conflicts and not adopt:
+        raise _conflict_error(plan)
+    steps = {s.name: s for s in plan.steps}
+    out: dict[str, Built] = {}
+    for step in plan.steps:
+        model = pipeline.models.get(step.name)
+        if (step.action != "replace" or model is None or not of(model.kind).by_document
+                or any(steps[d].action != "unchanged" for d in model.deps)):
+            continue
+        shadow = shadow_name(model.name)
+        started = conn.execute(q("build_state"), (model.name,)).fetchone()
+        if started is None:  # not chtsync's yet (--adopt): no record to keep the progress in
+            continue
+        if not (started[4] == shadow and started[8] == model.hash and value(conn, "relation_exists", (shadow,))):
+            with conn.transaction():
+                conn.execute(q("drop_if_exists", kind=sql.SQL("TABLE"), relation=sql.Identifier(shadow)))
+                try:
+                    create_model(conn, model, empty=True, relation=shadow)
+                except psycopg.Error as exc:
+                    raise ModelBuildError(f"model '{model.name}': {first_line(exc)}") from None
+        built = _build(conn, cfg, model, shadow, value(conn, "current_snapshot"), [], lambda: False)
+        assert built is not None  # never asked to stop
+        out[model.name] = built
+    return out
+
+
+def rename_shadow(conn: psycopg.Connection, model: Model) -> None:
+    """Give the shadow table and its indexes the model's names (the old object is gone)."""
+    shadow, name = shadow_name(model.name), sql.Identifier(model.name)
+    conn.execute(q("rename_relation", kind=sql.SQL(DROP[of(model.kind).relkind]),
+                   relation=sql.Identifier(shadow), new=name))
+    for suffix in index_suffixes(model):
+        conn.execute(q("rename_index", index=sql.Identifier(index_name(shadow, suffix)),
+                       new=sql.Identifier(index_name(model.name, suffix))))
+
+
+def _apply(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, adopt: bool,
+           prebuilt: dict[str, Built]) -> Plan:
+    with conn.transaction():
         conn.execute(q("pipeline_xact_lock"), (db.LOCK_CLASS, db.lock_key(cfg, "pipeline")))
         plan = _compute(conn, pipeline)
         if plan.conflicts and not adopt:
@@ -272,7 +337,7 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
             _run(conn, name, q("drop_object", kind=sql.SQL(DROP[existing[name]]), relation=sql.Identifier(name)))
         for step in plan.steps:  # a rebuild left unfinished belongs to the old definition
             shadow = shadow_name(step.name)
-            if step.action != "unchanged" and shadow in existing:
+            if step.action != "unchanged" and shadow in existing and step.name not in prebuilt:
                 conn.execute(q("drop_object", kind=sql.SQL(DROP[existing[shadow]]), relation=sql.Identifier(shadow)))
         for step in plan.steps:
             if step.action in ("drop", "create", "replace"):
@@ -286,7 +351,14 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                 # existing object is built here, so readers keep the old one until this commits.
                 empty = step.action == "create" and of(model.kind).by_document
                 try:
-                    rows = create_model(conn, model, empty)
+                    if model.name in prebuilt:  # catch up with the writes since its build began
+                        built = prebuilt[model.name]
+                        rows, _ = of(model.kind).rederive(conn, cfg, model, built.snapshot, built.rows, [],
+                                                          shadow_name(model.name))
+                        rename_shadow(conn, model)
+                        conn.execute(q("build_done"), (model.name,))
+                    else:
+                        rows = create_model(conn, model, empty)
                 except psycopg.Error as exc:
                     raise ModelBuildError(f"model '{model.name}': {first_line(exc)}") from None
                 conn.execute(q("record_created"), {
@@ -301,16 +373,6 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                     f"models apply: cannot recreate {view.schema}.{view.name}, a view built on a model"
                     f" being replaced or dropped: {first_line(exc)}. Change or drop that view first"
                 ) from None
-    # Built in one statement each: give the planner their statistics before the first refresh
-    # (incremental models are created empty, and analyzed once the refresh has built them).
-    with autocommit(conn):
-        for step in plan.steps:
-            built_here = step.action == "replace" or (step.action == "create" and not of(step.kind).by_document)
-            if built_here and of(step.kind).has_rows:
-                analyze(conn, step.name)
-    for step in plan.steps:
-        if step.action != "unchanged":
-            log.info("model %s name=%s kind=%s reason=%s", step.action, step.name, step.kind, step.reason)
     return plan
 
 

@@ -119,10 +119,11 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
     table, target = db.table_ident(cfg), sql.Identifier(into)
     key = sql.Identifier(model.spec.unique_key[0])
     conn.execute(q("changed_ids_table"))
-    build_snapshot, block, blocks, filenode, build_into, docs, rows, total = conn.execute(
+    build_snapshot, block, blocks, filenode, build_into, docs, rows, total, build_hash = conn.execute(
         q("build_state"), (model.name,)).fetchone()
     now_blocks, now_filenode = conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()
-    if build_snapshot is not None and build_into == into and block is not None and filenode == now_filenode:
+    if (build_snapshot is not None and build_into == into and build_hash == model.hash and block is not None
+            and filenode == now_filenode):
         log.info("model build resumed name=%s into=%s docs=%d rows=%d", model.name, into, docs, rows)
     else:
         if build_snapshot is not None:
@@ -140,7 +141,8 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
                 return Built(rows, snapshot, batched=False)
             block, blocks, docs, rows, build_snapshot = 0, now_blocks, 0, 0, snapshot
             conn.execute(q("build_start"), {"name": model.name, "snapshot": snapshot, "blocks": blocks,
-                                            "filenode": now_filenode, "into": into, "total": total})
+                                            "filenode": now_filenode, "into": into, "hash": model.hash,
+                                            "total": total})
     by_range = bool(model.block_sql)
     if by_range and model.block_calls:
         found = value(conn, "aggregate_functions", (list(model.block_calls),))

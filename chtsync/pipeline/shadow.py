@@ -27,8 +27,7 @@ from chtsync.pipeline.apply import (
     _restore,
     create_model,
     grant,
-    index_name,
-    index_suffixes,
+    rename_shadow,
     shadow_name,
 )
 from chtsync.pipeline.graph import Model, Pipeline
@@ -95,8 +94,9 @@ def _shadow_rebuild(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, m
                     should_stop: Callable[[], bool]) -> int | None:
     strategy, shadow = of(model.kind), shadow_name(model.name)
     started = time.monotonic()
-    resuming = (strategy.by_document and value(conn, "relation_exists", (shadow,))
-                and conn.execute(q("build_state"), (model.name,)).fetchone()[4] == shadow)
+    build = conn.execute(q("build_state"), (model.name,)).fetchone()
+    resuming = (strategy.by_document and build[4] == shadow and build[8] == model.hash
+                and value(conn, "relation_exists", (shadow,)))
     if not resuming:
         with conn.transaction():
             snapshot = value(conn, "current_snapshot")
@@ -141,10 +141,7 @@ def _swap(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, model: Mode
     for view in reversed(views):
         conn.execute(q("drop_object", kind=sql.SQL(DROP[view.relkind]), relation=view.ident))
     conn.execute(q("drop_object", kind=kind, relation=name))
-    conn.execute(q("rename_relation", kind=kind, relation=sql.Identifier(shadow), new=name))
-    for suffix in index_suffixes(model):
-        conn.execute(q("rename_index", index=sql.Identifier(index_name(shadow, suffix)),
-                       new=sql.Identifier(index_name(model.name, suffix))))
+    rename_shadow(conn, model)
     grant(conn, name, grants)
     if comment is not None:
         conn.execute(q("comment_on", kind=kind, relation=name, comment=sql.Literal(comment)))

@@ -88,7 +88,8 @@ ON CONFLICT (name) DO UPDATE SET
     snapshot = excluded.snapshot,
     refresh_seq = excluded.refresh_seq,
     build_snapshot = NULL, build_block = NULL, build_blocks = NULL, build_filenode = NULL,
-    build_into = NULL, build_docs = NULL, build_rows = NULL, build_total = NULL, build_started_at = NULL
+    build_into = NULL, build_hash = NULL, build_docs = NULL, build_rows = NULL, build_total = NULL,
+    build_started_at = NULL
 
 -- name: record_dropped
 DELETE FROM chtsync_models WHERE name = %s
@@ -275,7 +276,7 @@ INSERT INTO {model} SELECT * FROM ({body}) AS m WHERE {condition}
 
 -- name: build_state
 SELECT build_snapshot::text, build_block, build_blocks, build_filenode::bigint, build_into,
-       coalesce(build_docs, 0), coalesce(build_rows, 0), build_total
+       coalesce(build_docs, 0), coalesce(build_rows, 0), build_total, build_hash
 FROM chtsync_models WHERE name = %s
 
 -- name: raw_documents
@@ -294,7 +295,7 @@ FROM pg_class AS c WHERE c.oid = (quote_ident(%s) || '.' || quote_ident(%s))::re
 -- name: build_start
 UPDATE chtsync_models SET
     build_snapshot = %(snapshot)s::pg_snapshot, build_block = 0, build_blocks = %(blocks)s,
-    build_filenode = %(filenode)s::oid, build_into = %(into)s, build_docs = 0, build_rows = 0,
+    build_filenode = %(filenode)s::oid, build_into = %(into)s, build_hash = %(hash)s, build_docs = 0, build_rows = 0,
     build_total = %(total)s, build_started_at = now()
 WHERE name = %(name)s
 
@@ -323,7 +324,8 @@ WHERE name = %(name)s
 -- name: build_done
 UPDATE chtsync_models SET
     build_snapshot = NULL, build_block = NULL, build_blocks = NULL, build_filenode = NULL,
-    build_into = NULL, build_docs = NULL, build_rows = NULL, build_total = NULL, build_started_at = NULL
+    build_into = NULL, build_hash = NULL, build_docs = NULL, build_rows = NULL, build_total = NULL,
+    build_started_at = NULL
 WHERE name = %s
 
 -- name: relation_exists
