@@ -197,6 +197,8 @@ def test_rebuild_killed_midway_resumes_and_equals_a_fresh_build(
                 pipeline.rebuild(cfg, victim, model, should_stop=kill_after_three)
         rec = records(pg)[model]
         assert rec["build_into"] == f"{model}__chtsync_new" and rec["build_block"] == 3
+        progress = next(m for m in state.gather(cfg, pg, counts=False)["models"] if m["name"] == model)["build"]
+        assert progress["shadow"] and 0 < progress["docs"] < progress["total"]  # `status`: rebuilding
         docs.put(person(3, "Later"), person(40, "New", parent=3))  # after the crash
         with db.connect(cfg, autocommit=True) as again:
             assert pipeline.rebuild(cfg, again, model).status == "ok"
