@@ -7,6 +7,7 @@ that other people built on a replaced object are saved and recreated in the same
 
 from __future__ import annotations
 
+import contextlib
 import graphlib
 import logging
 import re
@@ -253,7 +254,8 @@ def _conflict_error(plan: Plan) -> PlanConflict:
 def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
           pipeline: Pipeline | None = None) -> Plan:
     """Create, replace and drop models so the schema matches models.yaml, all in one transaction
-    under the pipeline lock; return the plan carried out. Unchanged models are not touched."""
+    under the pipeline lock (a changed incremental model is built beside the old one before it,
+    see _prebuild); return the plan carried out. Unchanged models are not touched."""
     pipeline = pipeline or graph.load(cfg)
     key = (db.LOCK_CLASS, db.lock_key(cfg, "pipeline"))
     with autocommit(conn):
@@ -262,7 +264,8 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
             prebuilt = _prebuild(cfg, conn, pipeline, adopt)
             plan = _apply(cfg, conn, pipeline, adopt, prebuilt)
         finally:
-            conn.execute(q("pipeline_unlock"), key)
+            with contextlib.suppress(psycopg.OperationalError):  # a lost session has lost the lock
+                conn.execute(q("pipeline_unlock"), key)
     # Built in one statement each: give the planner their statistics before the first refresh
     # (incremental models are created empty, and analyzed once the refresh has built them).
     with autocommit(conn):

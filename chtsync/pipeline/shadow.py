@@ -10,6 +10,7 @@ A materialized view with a unique index is refreshed CONCURRENTLY in place inste
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -73,7 +74,8 @@ def rebuild(cfg: Config, conn: psycopg.Connection, name: str,
                     rows = strategy.rebuild(conn, model)
                     _record(conn, pipeline, model, rows, snapshot, started)
         finally:
-            conn.execute(q("pipeline_unlock"), key)
+            with contextlib.suppress(psycopg.OperationalError):  # a lost session has lost the lock
+                conn.execute(q("pipeline_unlock"), key)
         analyze(conn, name)
     ms = (time.monotonic() - started) * 1000
     log.info("model rebuilt name=%s kind=%s rows=%s ms=%.0f", name, model.kind, rows, ms)
