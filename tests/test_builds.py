@@ -71,11 +71,13 @@ def assert_exact(pg: psycopg.Connection, cfg: Config) -> None:
         assert diff_with_rebuild(pg, m) == 0, m.name
 
 
-def test_model_sql_for_block_ranges(cfg: Config) -> None:
+def test_model_sql_for_block_ranges(cfg: Config, models: ModelsFile) -> None:
     m = graph.load(cfg).models
     assert "current_setting('chtsync.build_from')" in m["person"].block_sql
     assert m["with_parent"].block_sql == ""  # two references: not by range
     assert m["by_name"].block_sql == ""
+    models.models["person"]["indexes"] = [{"columns": ["uuid", "source"], "unique": True}]
+    assert graph.load(cfg, models.write().path).models["person"].block_sql == ""  # a row read twice would fail
 
 
 def test_first_build_by_block_ranges_under_concurrent_writes(
