@@ -94,12 +94,14 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
 
 
 def _build(m: dict[str, Any]) -> dict[str, Any] | None:
-    """A first build in progress: documents done of all, rows written, rate and ETA."""
+    """A build in progress (a first build, or a rebuild into a shadow table while readers keep the
+    model): documents done of all, rows written, rate and ETA."""
     if m.get("build_docs") is None:
         return None
     done, total, seconds = m["build_docs"], m["build_total"] or m["build_docs"], m["build_seconds"] or 0.0
     rate = done / seconds if seconds > 0 else None
     return {"docs": done, "total": total, "rows": m["build_rows"], "docs_per_second": rate,
+            "shadow": m.get("build_into") not in (None, m["name"]),
             "eta_seconds": max(total - done, 0) / rate if rate else None}
 
 

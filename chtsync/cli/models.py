@@ -10,8 +10,9 @@ from chtsync.config import Config
 from chtsync.errors import ConfigError
 from chtsync.pipeline import datatests, forms, graph
 from chtsync.pipeline.apply import Plan, apply, plan
-from chtsync.pipeline.refresh import rebuild, refresh_once
+from chtsync.pipeline.refresh import refresh_once
 from chtsync.pipeline.session import autocommit
+from chtsync.pipeline.shadow import rebuild
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -53,7 +53,8 @@ def render(doc: dict[str, Any]) -> None:
             b = r.get("build")
             if b:
                 eta = "" if b["eta_seconds"] is None else f", ~{b['eta_seconds']:.0f}s left"
-                status = f"building {b['docs']:,}/{b['total']:,} docs{eta}"
+                verb = "rebuilding" if b.get("shadow") else "building"
+                status = f"{verb} {b['docs']:,}/{b['total']:,} docs{eta}"
             if r["error"]:
                 status += f": {r['error']}"
             took = "-" if r["duration_ms"] is None else f"{r['duration_ms']:.0f} ms"

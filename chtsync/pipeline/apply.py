@@ -7,6 +7,7 @@ that other people built on a replaced object are saved and recreated in the same
 
 from __future__ import annotations
 
+import contextlib
 import graphlib
 import logging
 import re
@@ -22,7 +23,7 @@ from chtsync.errors import ModelBuildError, PlanConflict
 from chtsync.pipeline import graph
 from chtsync.pipeline.graph import Model, Pipeline
 from chtsync.pipeline.kinds import STRATEGIES, of
-from chtsync.pipeline.refresh import analyze
+from chtsync.pipeline.refresh import Built, _build, analyze
 from chtsync.pipeline.session import autocommit, first_line, q, value
 
 log = logging.getLogger("chtsync.pipeline")
@@ -168,13 +169,18 @@ def _restore(conn: psycopg.Connection, view: _SavedView) -> None:
     conn.execute(q("create_object", kind=kind, relation=view.ident, body=sql.SQL(view.definition), suffix=sql.SQL("")))
     for statement in view.indexes:
         conn.execute(sql.SQL(statement))  # pg_get_indexdef: a complete, qualified CREATE INDEX
-    for grant in view.grants:
-        if not PRIVILEGE.match(grant["privilege"]):
-            raise ValueError(f"unexpected privilege {grant['privilege']!r}")
+    grant(conn, view.ident, view.grants)
+
+
+def grant(conn: psycopg.Connection, relation: sql.Identifier, grants: list[dict]) -> None:
+    """Grant again what aclexplode listed on an object being replaced (view_definition)."""
+    for g in grants:
+        if not PRIVILEGE.match(g["privilege"]):
+            raise ValueError(f"unexpected privilege {g['privilege']!r}")
         conn.execute(q(
-            "grant_privilege", privilege=sql.SQL(grant["privilege"]), relation=view.ident,
-            grantee=sql.SQL("PUBLIC") if grant["grantee"] is None else sql.Identifier(grant["grantee"]),
-            grant_option=sql.SQL(" WITH GRANT OPTION" if grant["grantable"] else "")))
+            "grant_privilege", privilege=sql.SQL(g["privilege"]), relation=relation,
+            grantee=sql.SQL("PUBLIC") if g["grantee"] is None else sql.Identifier(g["grantee"]),
+            grant_option=sql.SQL(" WITH GRANT OPTION" if g["grantable"] else "")))
 
 
 # VOLATILE built-ins that only produce a value; any other VOLATILE function may write.
@@ -194,27 +200,46 @@ def check_read_only(conn: psycopg.Connection, model: Model) -> None:
             " reads; call a STABLE or IMMUTABLE function instead")
 
 
-def create_model(conn: psycopg.Connection, model: Model, empty: bool = False) -> int | None:
-    """Create the model's object and indexes; return its row count (None for a view). With
-    empty=True an incremental model is created without rows, for the refresh to build it in
-    batches (refresh._build)."""
+def shadow_name(model: str) -> str:
+    """The table a rebuild fills beside the model before swapping them (pipeline/shadow.py)."""
+    return f"{model[:47]}__chtsync_new"
+
+
+def _indexes(model: Model) -> list[tuple[str, sql.Composable]]:
+    """The model's indexes: (name suffix, what follows ON <relation>)."""
+    out = []
+    for i, ix in enumerate(model.spec.indexes):
+        out.append((f"ix{i}", q(
+            "model_index_body", method=sql.SQL(ix.method),
+            columns=sql.SQL(f"({ix.expression})") if ix.expression  # normalized by pglast
+            else sql.SQL(", ").join(map(sql.Identifier, ix.columns)))))
+    key = model.spec.unique_key[:1]
+    if of(model.kind).by_document and not any(
+            ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):
+        # Each run deletes by the key: without an index that is a scan of the whole table.
+        out.append(("key", q("model_index_body", method=sql.SQL("btree"), columns=sql.Identifier(key[0]))))
+    return out
+
+
+def index_suffixes(model: Model) -> list[str]:
+    return [suffix for suffix, _ in _indexes(model)]
+
+
+def create_model(conn: psycopg.Connection, model: Model, empty: bool = False,
+                 relation: str | None = None) -> int | None:
+    """Create the model's object and indexes (as `relation`: a rebuild's shadow); return its row
+    count (None for a view). With empty=True an incremental model is created without rows, for
+    the refresh to build it in batches (refresh._build)."""
     check_read_only(conn, model)
-    name, strategy = sql.Identifier(model.name), of(model.kind)
+    relation = relation or model.name
+    name, strategy = sql.Identifier(relation), of(model.kind)
     cur = conn.execute(q("create_object", kind=sql.SQL(strategy.ddl), relation=name,
                          body=sql.SQL(model.sql), suffix=sql.SQL(strategy.create_suffix(empty))))
     rows = cur.rowcount if strategy.has_rows else None
-    for i, ix in enumerate(model.spec.indexes):
-        conn.execute(q(
-            "create_model_index", unique=sql.SQL("UNIQUE " if ix.unique else ""),
-            index=sql.Identifier(index_name(model.name, f"ix{i}")), relation=name, method=sql.SQL(ix.method),
-            columns=sql.SQL(f"({ix.expression})") if ix.expression  # normalized by pglast
-            else sql.SQL(", ").join(map(sql.Identifier, ix.columns))))
-    key = model.spec.unique_key[:1]
-    if strategy.by_document and not any(
-            ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):
-        # Each run deletes by the key: without an index that is a scan of the whole table.
-        conn.execute(q("create_key_index", index=sql.Identifier(index_name(model.name, "key")), relation=name,
-                       column=sql.Identifier(key[0])))
+    unique = {f"ix{i}" for i, ix in enumerate(model.spec.indexes) if ix.unique}
+    for suffix, body in _indexes(model):
+        conn.execute(q("create_model_index", unique=sql.SQL("UNIQUE " if suffix in unique else ""),
+                       index=sql.Identifier(index_name(relation, suffix)), relation=name, body=body))
     return rows
 
 
@@ -229,9 +254,76 @@ def _conflict_error(plan: Plan) -> PlanConflict:
 def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
           pipeline: Pipeline | None = None) -> Plan:
     """Create, replace and drop models so the schema matches models.yaml, all in one transaction
-    under the pipeline lock; return the plan carried out. Unchanged models are not touched."""
+    under the pipeline lock (a changed incremental model is built beside the old one before it,
+    see _prebuild); return the plan carried out. Unchanged models are not touched."""
     pipeline = pipeline or graph.load(cfg)
-    with autocommit(conn), conn.transaction():
+    key = (db.LOCK_CLASS, db.lock_key(cfg, "pipeline"))
+    with autocommit(conn):
+        conn.execute(q("pipeline_lock"), key)
+        try:
+            prebuilt = _prebuild(cfg, conn, pipeline, adopt)
+            plan = _apply(cfg, conn, pipeline, adopt, prebuilt)
+        finally:
+            with contextlib.suppress(psycopg.OperationalError):  # a lost session has lost the lock
+                conn.execute(q("pipeline_unlock"), key)
+    # Built in one statement each: give the planner their statistics before the first refresh
+    # (incremental models are created empty, and analyzed once the refresh has built them).
+    with autocommit(conn):
+        for step in plan.steps:
+            built_here = step.action == "replace" or (step.action == "create" and not of(step.kind).by_document)
+            if built_here and of(step.kind).has_rows:
+                analyze(conn, step.name)
+    for step in plan.steps:
+        if step.action != "unchanged":
+            log.info("model %s name=%s kind=%s reason=%s", step.action, step.name, step.kind, step.reason)
+    return plan
+
+
+def _prebuild(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, adopt: bool) -> dict[str, Built]:
+    """Build the new version of each replaced incremental model that reads no other replaced
+    model into its shadow table, in batches, before the apply transaction (readers keep the old
+    object meanwhile; a stopped apply resumes it). Models downstream of a replaced one read its
+    new version, which exists only inside that transaction: they are built there."""
+    plan = _compute(conn, pipeline)
+    if plan.conflicts and not adopt:
+        raise _conflict_error(plan)
+    steps = {s.name: s for s in plan.steps}
+    out: dict[str, Built] = {}
+    for step in plan.steps:
+        model = pipeline.models.get(step.name)
+        if (step.action != "replace" or model is None or not of(model.kind).by_document
+                or any(steps[d].action != "unchanged" for d in model.deps)):
+            continue
+        shadow = shadow_name(model.name)
+        started = conn.execute(q("build_state"), (model.name,)).fetchone()
+        if started is None:  # not chtsync's yet (--adopt): no record to keep the progress in
+            continue
+        if not (started[4] == shadow and started[8] == model.hash and value(conn, "relation_exists", (shadow,))):
+            with conn.transaction():
+                conn.execute(q("drop_if_exists", kind=sql.SQL("TABLE"), relation=sql.Identifier(shadow)))
+                try:
+                    create_model(conn, model, empty=True, relation=shadow)
+                except psycopg.Error as exc:
+                    raise ModelBuildError(f"model '{model.name}': {first_line(exc)}") from None
+        built = _build(conn, cfg, model, shadow, value(conn, "current_snapshot"), [], lambda: False)
+        assert built is not None  # never asked to stop
+        out[model.name] = built
+    return out
+
+
+def rename_shadow(conn: psycopg.Connection, model: Model) -> None:
+    """Give the shadow table and its indexes the model's names (the old object is gone)."""
+    shadow, name = shadow_name(model.name), sql.Identifier(model.name)
+    conn.execute(q("rename_relation", kind=sql.SQL(DROP[of(model.kind).relkind]),
+                   relation=sql.Identifier(shadow), new=name))
+    for suffix in index_suffixes(model):
+        conn.execute(q("rename_index", index=sql.Identifier(index_name(shadow, suffix)),
+                       new=sql.Identifier(index_name(model.name, suffix))))
+
+
+def _apply(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, adopt: bool,
+           prebuilt: dict[str, Built]) -> Plan:
+    with conn.transaction():
         conn.execute(q("pipeline_xact_lock"), (db.LOCK_CLASS, db.lock_key(cfg, "pipeline")))
         plan = _compute(conn, pipeline)
         if plan.conflicts and not adopt:
@@ -246,6 +338,10 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
             conn.execute(q("drop_object", kind=sql.SQL(DROP[view.relkind]), relation=view.ident))
         for name in drop_order:
             _run(conn, name, q("drop_object", kind=sql.SQL(DROP[existing[name]]), relation=sql.Identifier(name)))
+        for step in plan.steps:  # a rebuild left unfinished belongs to the old definition
+            shadow = shadow_name(step.name)
+            if step.action != "unchanged" and shadow in existing and step.name not in prebuilt:
+                conn.execute(q("drop_object", kind=sql.SQL(DROP[existing[shadow]]), relation=sql.Identifier(shadow)))
         for step in plan.steps:
             if step.action in ("drop", "create", "replace"):
                 conn.execute(q("pending_clear"), (step.name,))  # groups an aggregate had waiting
@@ -258,7 +354,14 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                 # existing object is built here, so readers keep the old one until this commits.
                 empty = step.action == "create" and of(model.kind).by_document
                 try:
-                    rows = create_model(conn, model, empty)
+                    if model.name in prebuilt:  # catch up with the writes since its build began
+                        built = prebuilt[model.name]
+                        rows, _ = of(model.kind).rederive(conn, cfg, model, built.snapshot, built.rows, [],
+                                                          shadow_name(model.name))
+                        rename_shadow(conn, model)
+                        conn.execute(q("build_done"), (model.name,))
+                    else:
+                        rows = create_model(conn, model, empty)
                 except psycopg.Error as exc:
                     raise ModelBuildError(f"model '{model.name}': {first_line(exc)}") from None
                 conn.execute(q("record_created"), {
@@ -273,16 +376,6 @@ def apply(cfg: Config, conn: psycopg.Connection, adopt: bool = False,
                     f"models apply: cannot recreate {view.schema}.{view.name}, a view built on a model"
                     f" being replaced or dropped: {first_line(exc)}. Change or drop that view first"
                 ) from None
-    # Built in one statement each: give the planner their statistics before the first refresh
-    # (incremental models are created empty, and analyzed once the refresh has built them).
-    with autocommit(conn):
-        for step in plan.steps:
-            built_here = step.action == "replace" or (step.action == "create" and not of(step.kind).by_document)
-            if built_here and of(step.kind).has_rows:
-                analyze(conn, step.name)
-    for step in plan.steps:
-        if step.action != "unchanged":
-            log.info("model %s name=%s kind=%s reason=%s", step.action, step.name, step.kind, step.reason)
     return plan
 
 

@@ -6,6 +6,7 @@ schema is an external relation the engine neither orders nor checks.
 
 from __future__ import annotations
 
+import dataclasses
 import graphlib
 import hashlib
 import json
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import pglast
 from pglast import ast
-from pglast.enums import SetOperation
+from pglast.enums import JoinType, SetOperation
 from pglast.stream import RawStream
 
+from chtsync import queries
 from chtsync.config import Config
 from chtsync.errors import ModelsFileError
 from chtsync.pipeline.kinds import of
@@ -37,6 +39,10 @@ class Model:
     external: bool  # reads a schema-qualified relation chtsync knows nothing about
     hash: str = ""
     delta_sql: str = ""  # aggregate: its SQL over the upstream's changed rows (DELTA)
+    # incremental: its SQL reading only a block range of the raw table (empty when that would
+    # not be exact, see _block_sql), and the functions it calls (an aggregate among them: not)
+    block_sql: str = ""
+    block_calls: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -164,7 +170,59 @@ def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str) -
             deps.append(dep)
     text = RawStream()(select)
     delta = _delta_sql(where, select, deps, raw or external) if of(spec.kind).by_group else ""
-    return Model(spec, text, tuple(deps), raw, external, delta_sql=delta)
+    # A unique index could refuse a row read twice in the ranges (an update moved it) before the
+    # catch-up replaces it: such a model is built by ids, which deletes before it inserts.
+    by_range = of(spec.kind).by_document and not any(ix.unique for ix in spec.indexes)
+    block, calls = _block_sql(select, table) if by_range else ("", ())
+    return Model(spec, text, tuple(deps), raw, external, delta_sql=delta, block_sql=block, block_calls=calls)
+
+
+def _calls(node: object) -> Iterator[ast.FuncCall]:
+    if isinstance(node, (list, tuple)):
+        for item in node:
+            yield from _calls(item)
+    elif isinstance(node, ast.Node):
+        if isinstance(node, ast.FuncCall):
+            yield node
+        for attr in node.__slots__:
+            yield from _calls(getattr(node, attr))
+
+
+def _block_sql(select: ast.SelectStmt, table: str) -> tuple[str, tuple[str, ...]]:
+    """The model's SQL with its raw-table reference reading only the blocks of the range the
+    settings chtsync.build_from / build_to name (a TID range scan), and the names of the
+    functions it calls; ("", ()) when a build by block ranges would not be exact.
+
+    Exact when every output row comes from exactly one tuple of that reference, so that the
+    rows of the ranges add up to the rows of the whole table: one plain SELECT (no GROUP BY,
+    DISTINCT, window, LIMIT or set operation) reading the raw table once, as the leftmost item of
+    its FROM, joined to the rest only by inner or left joins (on the preserved side). Aggregate
+    calls without GROUP BY are ruled out when the build starts (their names are kept: only
+    Postgres knows which functions are aggregates)."""
+    if (select.op != SetOperation.SETOP_NONE or select.groupClause or select.distinctClause
+            or select.havingClause is not None or select.windowClause or select.limitCount is not None
+            or select.limitOffset is not None or select.valuesLists or not select.fromClause):
+        return "", ()
+    raws = [rv for rv, ctes in _walk(select, frozenset())
+            if rv.relname == table and not rv.schemaname and rv.relname not in ctes]
+    parent, attr, node = None, "", select.fromClause[0]
+    while isinstance(node, ast.JoinExpr):
+        if node.jointype not in (JoinType.JOIN_INNER, JoinType.JOIN_LEFT):
+            return "", ()
+        parent, attr, node = node, "larg", node.larg
+    calls = list(_calls([select.targetList, select.whereClause, select.fromClause]))
+    if len(raws) != 1 or node is not raws[0] or any(c.over is not None or c.agg_star for c in calls):
+        return "", ()
+    source = pglast.parse_sql(queries.get("build_block_source"))[0].stmt
+    source.fromClause[0].relname = table
+    subselect = ast.RangeSubselect(lateral=False, subquery=source,
+                                   alias=node.alias or ast.Alias(aliasname=node.relname))
+    if parent is None:
+        select.fromClause = (subselect, *select.fromClause[1:])
+    else:
+        setattr(parent, attr, subselect)
+    text = RawStream()(select)
+    return text, tuple(sorted({c.funcname[-1].sval for c in calls}))
 
 
 def _delta_sql(where: str, select: ast.SelectStmt, deps: list[str], other: bool) -> str:
@@ -221,8 +279,7 @@ def build(specs: list[ModelSpec], table: str = RAW) -> Pipeline:
         if of(model.kind).by_group and not of(models[model.deps[0]].kind).by_document:
             raise ModelsFileError(f"model '{name}': an aggregate model must read an incremental model,"
                               f" and '{model.deps[0]}' is {models[model.deps[0]].kind}")
-        models[name] = Model(model.spec, model.sql, model.deps, model.raw, model.external,
-                             _hash(model, upstream), model.delta_sql)
+        models[name] = dataclasses.replace(model, hash=_hash(model, upstream))
     return Pipeline(models)
 
 

@@ -61,6 +61,11 @@ class Strategy:
         """What follows CREATE ... AS <select>; empty: a model the refresh fills in batches."""
         return ""
 
+    def swaps(self, model: Model) -> bool:
+        """Whether a rebuild builds a new object beside the old one and swaps them (readers keep
+        the old one meanwhile) rather than recomputing it in place."""
+        return self.has_rows
+
     def rebuild(self, conn: psycopg.Connection, model: Model) -> int | None:
         """Recompute the model from scratch inside the caller's transaction; return its rows."""
         name = sql.Identifier(model.name)
@@ -97,8 +102,15 @@ class MaterializedView(Strategy):
 
     def rebuild(self, conn: psycopg.Connection, model: Model) -> int | None:
         name = sql.Identifier(model.name)
+        if not self.swaps(model):
+            conn.execute(q("refresh_matview_concurrently", model=name))  # readers never wait
+            return value(conn, "count_rows", model=name)
         conn.execute(q("refresh_matview", model=name))
         return value(conn, "count_rows", model=name)
+
+    def swaps(self, model: Model) -> bool:
+        # With a unique index a concurrent refresh already keeps readers on the old rows.
+        return not any(ix.unique for ix in model.spec.indexes)
 
     def refresh(self, conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
                 aggregates: list[Model]) -> Refreshed:
@@ -128,12 +140,18 @@ class Incremental(Strategy):
     def refresh(self, conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
                 aggregates: list[Model]) -> Refreshed:
         """Delete and re-derive the rows of documents written since the model's snapshot."""
-        name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
+        return self.rederive(conn, cfg, model, state.snapshot, state.rows, aggregates, model.name)
+
+    def rederive(self, conn: psycopg.Connection, cfg: Config, model: Model, snapshot: str | None,
+                 rows: int | None, aggregates: list[Model], into: str) -> Refreshed:
+        """refresh into table `into` (the model, or a rebuild's shadow catching up) from
+        `snapshot`, holding `rows` rows (None: count them)."""
+        name, key, body = sql.Identifier(into), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
         conn.execute(q("changed_ids_table"))
         conn.execute(q("local_jit_off"))
-        changed = conn.execute(q("changed_ids_fill"), since(cfg, state.snapshot), prepare=False).rowcount
+        changed = conn.execute(q("changed_ids_fill"), since(cfg, snapshot), prepare=False).rowcount
         if changed == 0:
-            return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
+            return rows if rows is not None else value(conn, "count_rows", model=name), 0
         conn.execute(q("changed_ids_analyze"))
         for column in model.spec.reference_keys:
             changed += conn.execute(q("changed_ids_referencing", model=name, key=key, column=sql.Identifier(column)),
@@ -146,9 +164,9 @@ class Incremental(Strategy):
         deleted = conn.execute(q("incremental_delete", model=name, key=key), prepare=False).rowcount
         inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body), prepare=False).rowcount
         record_groups(conn, aggregates, model, after=True)
-        if state.rows is None:
+        if rows is None:
             return value(conn, "count_rows", model=name), changed
-        return state.rows - deleted + inserted, changed
+        return rows - deleted + inserted, changed
 
 
 class Aggregate(Strategy):

@@ -20,7 +20,7 @@ from psycopg import sql
 
 from chtsync import db
 from chtsync.config import Config
-from chtsync.errors import ConfigError, ModelsFileError, PostgresUnavailable
+from chtsync.errors import ModelsFileError, PostgresUnavailable
 from chtsync.pipeline import datatests, graph
 from chtsync.pipeline.graph import Model, Pipeline
 from chtsync.pipeline.kinds import aggregates_by_upstream, of, since
@@ -92,64 +92,93 @@ def _inputs(pipeline: Pipeline) -> dict[str, _Inputs]:
     return out
 
 
-# Documents per transaction of a first build: bounded transactions (and WAL between
-# checkpoints), progress that survives a restart, readers and ingest never wait for it.
-BUILD_BATCH = 20_000
-# Up to this many raw documents a first build is one statement (a sequential scan, seconds even
-# at this size); above it, batches of BUILD_BATCH ids keep each transaction bounded. Batches probe
-# the raw table by id, about 10x the cost per document of one scan, so they only pay at scale.
+# Raw rows per transaction of a build by block ranges (~ this many, from the table's rows per
+# block): bounded transactions (and WAL between checkpoints), progress that survives a restart,
+# readers and ingest never wait for it.
+BUILD_ROWS = 50_000
+# Up to this many raw documents a build is one statement (a sequential scan, seconds even at
+# this size); above it, batches of block ranges keep each transaction bounded.
 ONE_STATEMENT_BUILD = 1_000_000
 
 
-def _build(conn: psycopg.Connection, cfg: Config, model: Model, snapshot: str, aggregates: list[Model],
-           should_stop: Callable[[], bool]) -> tuple[int, str] | None:
-    """Fill an incremental model from scratch in batches of BUILD_BATCH document ids (in key
-    order), one transaction each, resuming a build an earlier run left unfinished. Return (rows,
-    the snapshot the build started from), or None when stopped first.
+@dataclass
+class Built:
+    rows: int
+    snapshot: str  # the build read everything this snapshot saw (and maybe more)
+    batched: bool  # False: one statement, exact as of its own snapshot (no catch-up needed)
 
-    Exact like an incremental run: every batch reads the current data, and whatever was written
-    after the starting snapshot (in a batch already done or not) is re-derived by the next run."""
-    name, key, body = sql.Identifier(model.name), sql.Identifier(model.spec.unique_key[0]), sql.SQL(model.sql)
-    table = db.table_ident(cfg)
+
+def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snapshot: str,
+           aggregates: list[Model], should_stop: Callable[[], bool]) -> Built | None:
+    """Fill `into` (an incremental model, or its shadow during a rebuild) from scratch, resuming
+    a build of the same target an earlier run left unfinished; None when stopped first.
+
+    Above ONE_STATEMENT_BUILD documents it walks the raw table's blocks in ranges of about
+    BUILD_ROWS rows, one transaction each (docs/pipeline.md, "First builds and rebuilds": why
+    this is exact once the caller catches up from the returned snapshot)."""
+    table, target = db.table_ident(cfg), sql.Identifier(into)
+    key = sql.Identifier(model.spec.unique_key[0])
     conn.execute(q("changed_ids_table"))
-    build_snapshot, after, docs, rows, total = conn.execute(q("build_state"), (model.name,)).fetchone()
-    if build_snapshot is None:
+    build_snapshot, block, blocks, filenode, build_into, docs, rows, total, build_hash = conn.execute(
+        q("build_state"), (model.name,)).fetchone()
+    now_blocks, now_filenode = conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()
+    if (build_snapshot is not None and build_into == into and build_hash == model.hash and block is not None
+            and filenode == now_filenode):
+        log.info("model build resumed name=%s into=%s docs=%d rows=%d", model.name, into, docs, rows)
+    else:
+        if build_snapshot is not None:
+            log.info("model build started over name=%s into=%s (the raw table was rewritten, or"
+                     " another build was under way)", model.name, into)
         with conn.transaction():
-            conn.execute(q("truncate", model=name))
+            conn.execute(q("truncate", model=target))
             for agg in aggregates:
                 conn.execute(q("pending_all"), (agg.name,))
             total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=table)
             if total <= ONE_STATEMENT_BUILD:
                 conn.execute(q("local_jit_off"))
-                rows = conn.execute(q("full_insert", model=name, body=body), prepare=False).rowcount
-                log.info("model built name=%s docs=%d rows=%d (one statement)", model.name, total, rows)
-                return rows, snapshot
-            conn.execute(q("build_start"), {"name": model.name, "snapshot": snapshot, "total": total})
-        build_snapshot = snapshot
-    else:
-        log.info("model build resumed name=%s docs=%d rows=%d", model.name, docs, rows)
-    started, docs_before = time.monotonic(), docs
-    while True:
+                rows = conn.execute(q("full_insert", model=target, body=sql.SQL(model.sql)), prepare=False).rowcount
+                log.info("model built name=%s into=%s docs=%d rows=%d (one statement)", model.name, into, total, rows)
+                return Built(rows, snapshot, batched=False)
+            block, blocks, docs, rows, build_snapshot = 0, now_blocks, 0, 0, snapshot
+            conn.execute(q("build_start"), {"name": model.name, "snapshot": snapshot, "blocks": blocks,
+                                            "filenode": now_filenode, "into": into, "hash": model.hash,
+                                            "total": total})
+    by_range = bool(model.block_sql)
+    if by_range and model.block_calls:
+        found = value(conn, "aggregate_functions", (list(model.block_calls),))
+        by_range = not found  # an aggregate without GROUP BY: each range would give a partial row
+    step = max(1, int(BUILD_ROWS * blocks / max(total, 1)))
+    started, block_before = time.monotonic(), block
+    while block < blocks:
         if should_stop():
             return None
+        end = min(block + step, blocks)
         with conn.transaction():
+            if conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()[1] != now_filenode:
+                break  # rewritten meanwhile: start over below
             conn.execute(q("local_jit_off"))
-            batch = conn.execute(q("build_ids", table=table), {"after": after, "batch": BUILD_BATCH},
-                                 prepare=False).rowcount
-            if batch:
-                after = value(conn, "build_last_id")
-                conn.execute(q("changed_ids_analyze"))
-                rows += conn.execute(q("incremental_insert", model=name, key=key, body=body),
+            conn.execute(q("build_range"), (f"({block},0)", f"({end},0)"))
+            if by_range:  # the model reads the range alone: a TID range scan, no index probe
+                rows += conn.execute(q("full_insert", model=target, body=sql.SQL(model.block_sql)),
                                      prepare=False).rowcount
-                docs += batch
-                conn.execute(q("build_progress"), {"name": model.name, "after": after, "docs": docs,
-                                                   "rows": rows})
-        if not batch:
-            return rows, build_snapshot
-        rate = (docs - docs_before) / max(time.monotonic() - started, 1e-3)
-        eta = max((total or docs) - docs, 0) / rate if rate else 0.0
-        log.info("model building name=%s docs=%d/%d rows=%d rate=%.0f docs/s eta=%.0f s",
-                 model.name, docs, total or docs, rows, rate, eta)
+            else:  # the documents of the range, derived again (a document may span ranges)
+                conn.execute(q("build_block_ids", table=table), prepare=False)
+                conn.execute(q("changed_ids_analyze"))
+                rows -= conn.execute(q("incremental_delete", model=target, key=key), prepare=False).rowcount
+                rows += conn.execute(q("incremental_insert", model=target, key=key, body=sql.SQL(model.sql)),
+                                     prepare=False).rowcount
+            block = end
+            docs = min(total, round(total * block / blocks))
+            conn.execute(q("build_progress"), {"name": model.name, "block": block, "docs": docs, "rows": rows})
+        rate = (block - block_before) * total / blocks / max(time.monotonic() - started, 1e-3)
+        eta = max(total - docs, 0) / rate if rate else 0.0
+        log.info("model building name=%s into=%s docs=%d/%d rows=%d rate=%.0f docs/s eta=%.0f s",
+                 model.name, into, docs, total, rows, rate, eta)
+    else:
+        return Built(rows, build_snapshot, batched=True)
+    with conn.transaction():
+        conn.execute(q("build_done"), (model.name,))
+    return _build(conn, cfg, model, into, value(conn, "current_snapshot"), aggregates, should_stop)
 
 
 def _record_failure(conn: psycopg.Connection, name: str, status: str, error: str, ms: float) -> None:
@@ -225,13 +254,19 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
         started = time.monotonic()
         try:
             if strategy.by_document and state.snapshot is None:  # first build, in batches
-                built = _build(conn, cfg, model, new_snapshot, aggregates.get(model.name, []), should_stop)
+                built = _build(conn, cfg, model, model.name, new_snapshot, aggregates.get(model.name, []),
+                               should_stop)
                 if built is None:
                     failed[model.name] = "is still being built"
                     results.append(RefreshResult(model.name, model.kind, "building"))
                     continue
-                (rows, new_snapshot), changed_docs = built, None
+                rows, changed_docs = built.rows, None
                 with conn.transaction():
+                    if built.batched:  # what was written since the build began, derived again
+                        rows, _ = of(model.kind).rederive(conn, cfg, model, built.snapshot, rows,
+                                                          aggregates.get(model.name, []), model.name)
+                    else:
+                        new_snapshot = built.snapshot
                     ms = (time.monotonic() - started) * 1000
                     state.seq = value(conn, "record_refresh_ok", {
                         "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
@@ -308,35 +343,6 @@ def refresh_once(cfg: Config, conn: psycopg.Connection, force: bool = False, *, 
         finally:
             with contextlib.suppress(psycopg.OperationalError):
                 conn.execute(q("pipeline_unlock"), key)
-
-
-def rebuild(cfg: Config, conn: psycopg.Connection, name: str) -> RefreshResult:
-    """Recompute one model from scratch in one transaction (an incremental table included)."""
-    pipeline = graph.load(cfg)
-    model = pipeline.models.get(name)
-    if model is None:
-        raise ConfigError(f"model '{name}' is not an enabled model of {cfg.models}")
-    started = time.monotonic()
-    with autocommit(conn), conn.transaction():
-        conn.execute(q("pipeline_xact_lock"), (db.LOCK_CLASS, db.lock_key(cfg, "pipeline")))
-        state = _states(conn).get(name)
-        if state is None or state.hash != model.hash:
-            raise ConfigError(f"model '{name}' differs from the applied one: run `chtsync models apply` first")
-        snapshot = value(conn, "current_snapshot")
-        strategy = of(model.kind)
-        if not strategy.has_rows:
-            return RefreshResult(name, model.kind, "ok")
-        rows = strategy.rebuild(conn, model)
-        conn.execute(q("pending_clear"), (name,))  # an aggregate: every group is counted now
-        conn.execute(q("build_done"), (name,))  # a batched first build, if one was under way
-        for m in aggregates_by_upstream(pipeline).get(name, []):
-            conn.execute(q("pending_all"), (m.name,))
-        ms = (time.monotonic() - started) * 1000
-        conn.execute(q("record_refresh_ok"), {"name": name, "ms": ms, "rows": rows, "snapshot": snapshot})
-    with autocommit(conn):
-        analyze(conn, name)
-    log.info("model rebuilt name=%s kind=%s rows=%s ms=%.0f", name, model.kind, rows, ms)
-    return RefreshResult(name, model.kind, "ok", rows, None, ms)
 
 
 async def _wait_any(timeout: float | None, *events: asyncio.Event) -> None:

@@ -87,8 +87,9 @@ ON CONFLICT (name) DO UPDATE SET
     watermark = excluded.watermark,
     snapshot = excluded.snapshot,
     refresh_seq = excluded.refresh_seq,
-    build_snapshot = NULL, build_after = NULL, build_docs = NULL, build_rows = NULL,
-    build_total = NULL, build_started_at = NULL
+    build_snapshot = NULL, build_block = NULL, build_blocks = NULL, build_filenode = NULL,
+    build_into = NULL, build_hash = NULL, build_docs = NULL, build_rows = NULL, build_total = NULL,
+    build_started_at = NULL
 
 -- name: record_dropped
 DELETE FROM chtsync_models WHERE name = %s
@@ -197,10 +198,10 @@ WHERE name = %(name)s
 CREATE {kind} {relation} AS {body}{suffix}
 
 -- name: create_model_index
-CREATE {unique}INDEX {index} ON {relation} USING {method} ({columns})
+CREATE {unique}INDEX {index} ON {relation} {body}
 
--- name: create_key_index
-CREATE INDEX {index} ON {relation} ({column})
+-- name: model_index_body
+USING {method} ({columns})
 
 -- name: grant_privilege
 GRANT {privilege} ON {relation} TO {grantee}{grant_option}
@@ -274,7 +275,8 @@ DELETE FROM {model} AS m WHERE {condition}
 INSERT INTO {model} SELECT * FROM ({body}) AS m WHERE {condition}
 
 -- name: build_state
-SELECT build_snapshot::text, build_after, coalesce(build_docs, 0), coalesce(build_rows, 0), build_total
+SELECT build_snapshot::text, build_block, build_blocks, build_filenode::bigint, build_into,
+       coalesce(build_docs, 0), coalesce(build_rows, 0), build_total, build_hash
 FROM chtsync_models WHERE name = %s
 
 -- name: raw_documents
@@ -284,30 +286,83 @@ SELECT CASE WHEN c.reltuples > 0 THEN c.reltuples::bigint
             ELSE (SELECT count(*) FROM {table}) END
 FROM pg_class AS c WHERE c.oid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass
 
+-- name: raw_blocks
+-- The raw table's size in blocks now, and its file: a rewrite (VACUUM FULL, CLUSTER) gives it a
+-- new file and moves every row, so a build by block ranges under way starts over.
+SELECT pg_relation_size(c.oid) / current_setting('block_size')::bigint, pg_relation_filenode(c.oid)::bigint
+FROM pg_class AS c WHERE c.oid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass
+
 -- name: build_start
 UPDATE chtsync_models SET
-    build_snapshot = %(snapshot)s::pg_snapshot, build_after = NULL, build_docs = 0, build_rows = 0,
+    build_snapshot = %(snapshot)s::pg_snapshot, build_block = 0, build_blocks = %(blocks)s,
+    build_filenode = %(filenode)s::oid, build_into = %(into)s, build_hash = %(hash)s, build_docs = 0, build_rows = 0,
     build_total = %(total)s, build_started_at = now()
 WHERE name = %(name)s
 
--- name: build_ids
--- The next batch of document ids (in key order, from the primary key alone) as changed ids.
-INSERT INTO chtsync_changed_ids (id)
-SELECT DISTINCT _id FROM (
-    SELECT _id FROM {table} WHERE %(after)s::text IS NULL OR _id > %(after)s::text
-    ORDER BY _id LIMIT %(batch)s
-) AS b
+-- name: build_range
+-- The blocks [from, to) of the raw table one batch reads (build_block_source, build_block_ids).
+SELECT set_config('chtsync.build_from', %s, true), set_config('chtsync.build_to', %s, true)
 
--- name: build_last_id
-SELECT max(id) FROM chtsync_changed_ids
+-- name: build_block_ids
+-- A model that cannot read a block range alone (it reads the raw table twice, or groups): the
+-- ids of the documents in the range, whose rows the batch deletes and derives again.
+INSERT INTO chtsync_changed_ids (id)
+SELECT DISTINCT _id FROM {table}
+WHERE ctid >= current_setting('chtsync.build_from')::tid AND ctid < current_setting('chtsync.build_to')::tid
+
+-- name: aggregate_functions
+-- Which of these function names are aggregates or window functions (a model calling one
+-- without GROUP BY cannot be built by block ranges).
+SELECT coalesce(array_agg(DISTINCT proname::text), '{}') FROM pg_proc
+WHERE proname = ANY (%s::text[]) AND prokind IN ('a', 'w')
 
 -- name: build_progress
 UPDATE chtsync_models SET
-    build_after = %(after)s, build_docs = %(docs)s, build_rows = %(rows)s, last_refresh_at = now()
+    build_block = %(block)s, build_docs = %(docs)s, build_rows = %(rows)s, last_refresh_at = now()
 WHERE name = %(name)s
 
 -- name: build_done
 UPDATE chtsync_models SET
-    build_snapshot = NULL, build_after = NULL, build_docs = NULL, build_rows = NULL,
-    build_total = NULL, build_started_at = NULL
+    build_snapshot = NULL, build_block = NULL, build_blocks = NULL, build_filenode = NULL,
+    build_into = NULL, build_hash = NULL, build_docs = NULL, build_rows = NULL, build_total = NULL,
+    build_started_at = NULL
 WHERE name = %s
+
+-- name: relation_exists
+SELECT to_regclass(quote_ident(current_schema()) || '.' || quote_ident(%s)) IS NOT NULL
+
+-- name: lock_exclusive
+-- The swap: readers of the old object wait for this short transaction (lock_timeout bounds it).
+LOCK TABLE {relation} IN ACCESS EXCLUSIVE MODE
+
+-- name: relation_extras
+-- What the swap carries from the old object to the new one: grants (as view_definition's) and
+-- the comment.
+SELECT ARRAY(SELECT jsonb_build_object(
+                 'privilege', a.privilege_type,
+                 'grantee', CASE WHEN a.grantee = 0 THEN NULL ELSE a.grantee::regrole::text END,
+                 'grantable', a.is_grantable)
+             FROM aclexplode(c.relacl) AS a
+             WHERE a.grantee <> c.relowner),
+       obj_description(c.oid, 'pg_class')
+FROM pg_class AS c
+WHERE c.oid = (quote_ident(current_schema()) || '.' || quote_ident(%s))::regclass
+
+-- name: comment_on
+COMMENT ON {kind} {relation} IS {comment}
+
+-- name: rename_relation
+ALTER {kind} {relation} RENAME TO {new}
+
+-- name: rename_index
+ALTER INDEX IF EXISTS {index} RENAME TO {new}
+
+-- name: drop_if_exists
+DROP {kind} IF EXISTS {relation}
+
+-- name: build_block_source
+-- What a model built by block ranges reads in place of the raw table (graph._block_sql): the
+-- blocks of one range, a TID range scan. Settings rather than parameters: the model's own SQL
+-- around it may hold % and braces.
+SELECT * FROM couchdb
+WHERE ctid >= current_setting('chtsync.build_from')::tid AND ctid < current_setting('chtsync.build_to')::tid

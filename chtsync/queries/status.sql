@@ -37,7 +37,7 @@ GROUP BY source
 -- Staleness: seconds since the last successful refresh when raw data changed after it, else 0
 -- (a view is always current).
 SELECT m.name, m.kind, m.last_refresh_at, m.last_success_at, m.last_duration_ms, m.last_rows,
-       m.last_status, m.last_error, m.build_docs, m.build_total, m.build_rows,
+       m.last_status, m.last_error, m.build_docs, m.build_total, m.build_rows, m.build_into,
        extract(epoch FROM now() - m.build_started_at)::float8 AS build_seconds,
        CASE
            WHEN m.kind = 'view' THEN 0
