@@ -1,0 +1,209 @@
+"""The first sync in key ranges (chtsync/first_sync.py) attacked: CouchDB changed under the
+ranges (purges, conflicts whose winner moves, a recreated database), hostile ids, huge
+documents, Postgres and CouchDB killed mid-way, SIGTERM, a member-only user, bad settings and
+two replicas racing for a fresh database. Each ends with Postgres equal to CouchDB, or the
+exact refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from chtsync import first_sync
+from chtsync.store import Store
+from tests.servers import CouchAdmin
+from tests.syncutil import BackgroundSync, assert_equal, pg_state, sync_once, wait_until
+
+SOURCE = "127.0.0.1/medic"
+
+
+def uuids(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(n)]
+
+
+def fs_cfg(cfg_factory, **env: str):
+    return cfg_factory("medic", FIRST_SYNC_MIN_DOCS="1", FIRST_SYNC_READERS="3", **env)
+
+
+def rev_of(couch: CouchAdmin, doc_id: str) -> str:
+    return couch.get("medic", doc_id)["_rev"]
+
+
+def after_pages(monkeypatch: pytest.MonkeyPatch, n: int, action: Callable[[], None]) -> list[int]:
+    """Run `action` (CouchDB changes) once, right after the n-th first-sync page is written:
+    some ranges are written by then, others are still to be read."""
+    real = Store.first_sync_page
+    count = [0]
+
+    async def page(self, conn, source, body):
+        result = await real(self, conn, source, body)
+        count[0] += 1
+        if count[0] == n:
+            action()
+        return result
+
+    monkeypatch.setattr(Store, "first_sync_page", page)
+    return count
+
+
+def subprocess_env(couch_server, dbname: str, **env: str) -> dict[str, str]:
+    return dict(os.environ, COUCHDB_URL=couch_server.url, COUCHDB_USER=couch_server.auth[0],
+                COUCHDB_PASSWORD=couch_server.auth[1], COUCHDB_DBS="medic", POSTGRES_HOST="127.0.0.1",
+                POSTGRES_USER="postgres", POSTGRES_DB=dbname, CHTSYNC_CONFIG=os.devnull,
+                FIRST_SYNC_MIN_DOCS="1", LOG_LEVEL="INFO", **env)
+
+
+def first_sync_state(pg: psycopg.Connection) -> tuple[str | None, str | None]:
+    row = pg.execute("SELECT first_sync_seq, first_sync_after FROM chtsync_sources").fetchone()
+    return (None, None) if row is None else row
+
+
+def purge(couch: CouchAdmin, revs: dict[str, list[str]]) -> None:
+    r = couch.http.post("/medic/_purge", content=json.dumps(revs))
+    assert r.status_code in (201, 202), r.text
+
+
+def test_purges_and_moving_winners_during_the_first_sync(
+    couch: CouchAdmin, cfg_factory, pg: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the seq S is taken and some ranges are written: documents purged on both sides of
+    the read frontier, a conflict's winning leaf deleted (the losing branch wins), a
+    new_edits=false branch that becomes the winner, a document edited 30 times, a purged
+    conflict leaf. Once caught up Postgres equals CouchDB; purged ids are tombstones."""
+    couch.create_db("medic")
+    ids = sorted(uuids(21, 1200))
+    couch.bulk("medic", [{"_id": i, "type": "person"} for i in ids])
+    # Conflicts, one early and one late in the key space (either side of the frontier).
+    for doc_id in ("00-conflict", "fe-conflict", "fe-purgeleaf"):
+        r = couch.http.post("/medic/_bulk_docs", json={"new_edits": False, "docs": [
+            {"_id": doc_id, "_rev": "2-aaaa", "v": "a"}, {"_id": doc_id, "_rev": "1-bbbb", "v": "b"}]})
+        assert r.status_code == 201
+    early, late = ids[:3], ids[-3:]
+
+    def attack() -> None:
+        purge(couch, {i: [rev_of(couch, i)] for i in early + late})
+        # Delete the winning leaf 2-aaaa: 1-bbbb (lower generation) becomes the winner.
+        for doc_id in ("00-conflict", "fe-conflict"):
+            r = couch.http.delete(f"/medic/{doc_id}", params={"rev": "2-aaaa"})
+            assert r.status_code == 200, r.text
+        # A longer branch arriving by replication wins over the current winner.
+        r = couch.http.post("/medic/_bulk_docs", json={"new_edits": False, "docs": [
+            {"_id": ids[600], "_rev": "9-ffff", "v": "replicated"}]})
+        assert r.status_code == 201
+        for n in range(30):
+            couch.put("medic", {"_id": ids[601], "_rev": rev_of(couch, ids[601]), "n": n})
+        purge(couch, {"fe-purgeleaf": ["2-aaaa"]})  # 1-bbbb is left and wins
+
+    pages = after_pages(monkeypatch, 5, attack)
+    stats = sync_once(fs_cfg(cfg_factory, BATCH_SIZE="10"))
+    assert stats[0].state == "caught up" and pages[0] > 5
+    assert couch.get("medic", "00-conflict")["_rev"] == "1-bbbb"
+    assert couch.get("medic", "fe-purgeleaf")["_rev"] == "1-bbbb"
+    assert assert_equal(pg, couch, "medic", SOURCE, vanished_ok=True) == 1200 - 6 + 3
+    got = pg_state(pg, SOURCE)
+    assert all(got[i][1] for i in early)  # purged after their range: tombstones (models drop them)
+    assert not set(late) & set(got)  # purged before their range was read: never written
+    assert got[ids[600]][0] == "9-ffff"
+    assert pg.execute("SELECT doc->>'n' FROM couchdb WHERE _id = %s", (ids[601],)).fetchone() == ("29",)
+    assert first_sync_state(pg) == (None, None)
+
+
+def test_database_recreated_during_the_first_sync(
+    couch: CouchAdmin, cfg_factory, pg: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """medic deleted and recreated with other documents while its ranges are read: the ranges
+    left are read from the new database, the feed finds the new instance, reads it from 0 and
+    the owed verify turns the old database's documents into tombstones."""
+    couch.create_db("medic")
+    old = uuids(31, 600)
+    couch.bulk("medic", [{"_id": i, "type": "person", "db": "old"} for i in old])
+    new = uuids(32, 400) + old[:50]
+
+    def recreate() -> None:
+        couch.delete_db("medic")
+        # CouchDB names a database's instance by its creation second: recreated within the
+        # same second it is the same instance to anyone (see the report of this test's branch).
+        time.sleep(1.1)
+        couch.create_db("medic")
+        couch.bulk("medic", [{"_id": i, "type": "person", "db": "new"} for i in new])
+
+    after_pages(monkeypatch, 4, recreate)
+    cfg = fs_cfg(cfg_factory, BATCH_SIZE="10")
+    sync_once(cfg)
+    sync_once(cfg)  # the recreated database is seen at the latest when caught up; then verify
+    assert assert_equal(pg, couch, "medic", SOURCE, vanished_ok=True) == 450
+    got = pg_state(pg, SOURCE)
+    assert all(got[i][1] for i in old[50:] if i in got)
+    assert any(i in got for i in old[50:])  # some old ranges were written before the recreation
+    assert pg.execute("SELECT count(*) FROM couchdb WHERE NOT _deleted AND doc->>'db' = 'old'"
+                      ).fetchone() == (0,)
+
+
+def test_ids_on_split_points_beyond_the_bmp_and_a_range_of_many_pages(
+    couch: CouchAdmin, cfg_factory, pg: psycopg.Connection,
+) -> None:
+    """Every split point as an id, ids one character past and before them, U+FFFF, ids beyond
+    U+FFFF, and 700 ids in the last range (read in pages of 7): all written, once."""
+    couch.create_db("medic")
+    ids = list(first_sync.SPLITS) + [s + "0" for s in first_sync.SPLITS[::17]]
+    ids += [s[0] + chr(ord(s[1]) - 1) + "\uffff" for s in first_sync.SPLITS[1::31]]
+    ids += ["\uffff", "\uffff\uffff", "f\uffff", "\U0010fffd", "\U0001f600", "ff\U0001f600", "\ud7ff"]
+    ids += [f"zz-{n:04d}" for n in range(700)]
+    r = couch.http.post("/medic/_bulk_docs", content=json.dumps({"docs": [{"_id": i, "t": 1} for i in ids]}))
+    assert r.status_code == 201 and all("rev" in x for x in r.json()), r.text[:500]
+    stats = sync_once(fs_cfg(cfg_factory, BATCH_SIZE="7"))
+    assert stats[0].state == "caught up"
+    assert assert_equal(pg, couch, "medic", SOURCE) == len(set(ids))
+    assert pg.execute("SELECT count(*) FROM chtsync_errors").fetchone() == (0,)
+
+
+def test_bad_first_sync_settings_exit_2_in_one_line(couch_server, dbname: str, tmp_path: Path) -> None:
+    cases = [({"FIRST_SYNC_READERS": "0"}, "FIRST_SYNC_READERS: must be between 1 and 16, got 0"),
+             ({"FIRST_SYNC_READERS": "17"}, "FIRST_SYNC_READERS: must be between 1 and 16, got 17"),
+             ({"FIRST_SYNC_READERS": "four"}, "FIRST_SYNC_READERS: expected a whole number, got 'four'"),
+             ({"FIRST_SYNC_MIN_DOCS": "-1"}, "FIRST_SYNC_MIN_DOCS: must be between 0 and 2147483647, got -1"),
+             ({"FIRST_SYNC_MIN_DOCS": "1e6"}, "FIRST_SYNC_MIN_DOCS: expected a whole number, got '1e6'")]
+    config = tmp_path / "chtsync.yaml"
+    config.write_text("sync:\n  first_sync_readers: 0\n")
+    cases.append(({"CHTSYNC_CONFIG": str(config)}, "FIRST_SYNC_READERS: must be between 1 and 16, got 0"))
+    for env, message in cases:
+        base = subprocess_env(couch_server, dbname)
+        base.pop("FIRST_SYNC_MIN_DOCS")
+        done = subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], env={**base, **env},
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (2, f"chtsync: {message}\n"), env
+
+
+def test_member_only_user_runs_the_first_sync(
+    couch: CouchAdmin, cfg_factory, pg: psycopg.Connection, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A user with only member rights on medic (no admin): the ranges are read, not the feed."""
+    couch.create_db("medic")
+    couch.bulk("medic", [{"_id": i, "type": "person"} for i in uuids(41, 300)])
+    couch.create_db("_users")
+    couch.put("_users", {"_id": "org.couchdb.user:h3reader", "name": "h3reader", "type": "user",
+                         "roles": [], "password": "member-pass-1"})
+    r = couch.http.put("/medic/_security", json={"admins": {"names": [], "roles": []},
+                                                  "members": {"names": ["h3reader"], "roles": []}})
+    assert r.status_code == 200, r.text
+    cfg = fs_cfg(cfg_factory, COUCHDB_USER="h3reader", COUCHDB_PASSWORD="member-pass-1", BATCH_SIZE="20")
+    with caplog.at_level("INFO", logger="chtsync"):
+        stats = sync_once(cfg)
+    assert stats[0].state == "caught up"
+    assert any("in 257 key ranges" in r.getMessage() for r in caplog.records)
+    assert assert_equal(pg, couch, "medic", SOURCE) == 300
+    assert "member-pass-1" not in caplog.text
