@@ -6,10 +6,10 @@ exact refusal."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -36,7 +36,7 @@ def uuids(seed: int, n: int) -> list[str]:
 
 
 def fs_cfg(cfg_factory, **env: str):
-    return cfg_factory("medic", FIRST_SYNC_MIN_DOCS="1", FIRST_SYNC_READERS="3", **env)
+    return cfg_factory("medic", **{"FIRST_SYNC_MIN_DOCS": "1", "FIRST_SYNC_READERS": "3", **env})
 
 
 def rev_of(couch: CouchAdmin, doc_id: str) -> str:
@@ -207,3 +207,171 @@ def test_member_only_user_runs_the_first_sync(
     assert any("in 257 key ranges" in r.getMessage() for r in caplog.records)
     assert assert_equal(pg, couch, "medic", SOURCE) == 300
     assert "member-pass-1" not in caplog.text
+
+
+# Runs the command as its own child and prints the child's peak RSS: a child forked straight
+# from pytest would report pytest's peak (Linux keeps ru_maxrss across fork and exec).
+MEASURE = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode;"
+           " print('maxrss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr);"
+           " sys.exit(code)")
+
+
+def run_measured(env: dict[str, str]) -> tuple[int, int, str]:
+    """`chtsync sync --once` in a subprocess: (exit code, peak RSS in KiB, stderr)."""
+    done = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "chtsync", "sync", "--once"],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    *lines, last = done.stderr.rstrip("\n").split("\n")
+    assert last.startswith("maxrss "), done.stderr[-2000:]
+    return done.returncode, int(last.split()[1]), "\n".join(lines)
+
+
+def test_megabyte_documents_keep_memory_bounded(couch: CouchAdmin, couch_server, pg: psycopg.Connection,
+                                                dbname: str) -> None:
+    """60 documents of 1 MB, PAGE_BYTES 64 KiB, 4 readers: the first sync's peak RSS stays
+    within a few documents of the same run over 60 small documents (not the 60 MB)."""
+    couch.create_db("medic")
+    ids = uuids(51, 60)
+    for chunk in range(0, 60, 10):
+        couch.bulk("medic", [{"_id": i, "type": "person", "pad": os.urandom(1 << 19).hex()}
+                             for i in ids[chunk:chunk + 10]])
+    env = subprocess_env(couch_server, dbname, FIRST_SYNC_READERS="4", PAGE_BYTES=str(64 << 10))
+    subprocess.run([sys.executable, "-m", "chtsync", "migrate"], env=env, check=True, capture_output=True)
+    code, big, err = run_measured(env)
+    assert code == 0, err[-2000:]
+    assert "in 257 key ranges" in err
+    assert assert_equal(pg, couch, "medic", SOURCE) == 60
+    couch.delete_db("medic")
+    couch.create_db("medic")
+    couch.bulk("medic", [{"_id": i, "type": "person"} for i in uuids(52, 60)])
+    pg.execute("TRUNCATE couchdb_progress, chtsync_sources, couchdb")
+    code, small, err = run_measured(env)
+    assert code == 0 and "in 257 key ranges" in err, err[-2000:]
+    # 4 readers x 2 rows (the least a range page asks for) x 1 MB, plus copies of one page.
+    print(f"peak RSS: {big} KiB with 1 MB documents, {small} KiB with small ones")
+    assert big - small < 30 * 1024, (big, small)
+
+
+def backend_pids(pg: psycopg.Connection) -> list[int]:
+    return [r[0] for r in pg.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND backend_type = 'client backend'").fetchall()]
+
+
+def reader_threads() -> int:
+    return sum(t.name == "chtsync-couch-read" for t in threading.enumerate())
+
+
+def equal_soon(pg: psycopg.Connection, couch: CouchAdmin, timeout: float = 90) -> None:
+    last: list[str] = []
+
+    def equal() -> bool:
+        try:
+            assert_equal(pg, couch, "medic", SOURCE)
+            return first_sync_state(pg) == (None, None)
+        except AssertionError as exc:
+            last[:] = [str(exc)[:1000]]
+            return False
+
+    try:
+        wait_until(equal, timeout=timeout, what="Postgres equal to CouchDB")
+    except AssertionError:
+        raise AssertionError(last[0] if last else "first sync not finished") from None
+
+
+def test_postgres_session_and_couchdb_killed_mid_first_sync(
+    couch: CouchAdmin, cfg_factory, pg: psycopg.Connection, couch_server,
+) -> None:
+    """pg_terminate_backend of the follower's session, then CouchDB killed -9 and restarted,
+    both half way through the ranges: the follower resumes from first_sync_after and ends equal;
+    no reader thread is left once it stops."""
+    if not hasattr(couch_server, "kill"):
+        pytest.skip("CouchDB is external: it cannot be killed here")
+    couch.create_db("medic")
+    ids = uuids(61, 4000)
+    for chunk in range(0, 4000, 1000):
+        couch.bulk("medic", [{"_id": i, "type": "person", "pad": "y" * 300} for i in ids[chunk:chunk + 1000]])
+    cfg = fs_cfg(cfg_factory, BATCH_SIZE="5", FIRST_SYNC_READERS="4")
+    with BackgroundSync(cfg) as sync:
+        wait_until(lambda: (first_sync_state(pg)[1] or "") >= "30", timeout=120, what="30 ranges written")
+        killed = backend_pids(pg)
+        assert killed
+        for pid in killed:
+            pg.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: (first_sync_state(pg)[1] or "") >= "60", timeout=120, what="60 ranges written")
+        couch_server.kill()
+        time.sleep(1.0)
+        couch_server.start()
+        equal_soon(pg, couch, timeout=150)
+        assert sync.stats()[0].state == "following"
+    wait_until(lambda: reader_threads() == 0, timeout=70, what="reader threads to end")
+    assert pg.execute("SELECT count(*) FROM chtsync_errors").fetchone() == (0,)
+
+
+def test_sigterm_mid_first_sync_exits_promptly_and_resumes(
+    couch: CouchAdmin, couch_server, pg: psycopg.Connection, dbname: str,
+) -> None:
+    """SIGTERM to `chtsync sync` while 4 readers stream ranges: it exits 0 within seconds (no
+    reader thread holds it), and the next run resumes and ends equal."""
+    couch.create_db("medic")
+    ids = uuids(71, 4000)
+    for chunk in range(0, 4000, 1000):
+        couch.bulk("medic", [{"_id": i, "type": "person", "pad": "z" * 300} for i in ids[chunk:chunk + 1000]])
+    env = subprocess_env(couch_server, dbname, FIRST_SYNC_READERS="4", BATCH_SIZE="5")
+    subprocess.run([sys.executable, "-m", "chtsync", "migrate"], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "chtsync", "sync"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (first_sync_state(pg)[1] or "") >= "20", timeout=120, what="20 ranges written")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)  # a hang fails here, whatever the time it would take
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err[-2000:]
+    assert "SIGTERM received: stopping" in err and "Traceback" not in err
+    seq, after = first_sync_state(pg)
+    assert seq is not None and after is not None
+    done = subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from key {after!r}" in done.stderr
+    assert assert_equal(pg, couch, "medic", SOURCE) == 4000
+
+
+def test_two_replicas_on_a_fresh_database(
+    couch: CouchAdmin, couch_server, pg: psycopg.Connection, dbname: str, tmp_path: Path,
+) -> None:
+    """Two `chtsync sync` started together on a fresh database: one holds the lease and runs the
+    first sync, the other waits as standby; the first killed -9 half way, the standby takes
+    over from first_sync_after and ends equal."""
+    couch.create_db("medic")
+    ids = uuids(81, 4000)
+    for chunk in range(0, 4000, 1000):
+        couch.bulk("medic", [{"_id": i, "type": "person", "pad": "w" * 300} for i in ids[chunk:chunk + 1000]])
+    env = subprocess_env(couch_server, dbname, FIRST_SYNC_READERS="3", BATCH_SIZE="5", LEASE_SECONDS="2")
+    subprocess.run([sys.executable, "-m", "chtsync", "migrate"], env=env, check=True, capture_output=True)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    with contextlib.ExitStack() as files:
+        procs = [subprocess.Popen([sys.executable, "-m", "chtsync", "sync"], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=files.enter_context(log.open("w"))) for log in logs]
+    try:
+        wait_until(lambda: (first_sync_state(pg)[1] or "") >= "20", timeout=120, what="20 ranges written")
+        owner = pg.execute("SELECT owner FROM chtsync_sources").fetchone()[0]
+        [leader] = [i for i, p in enumerate(procs) if owner.endswith(f":{p.pid}")]
+        standby = 1 - leader
+        assert "standby source=127.0.0.1/medic" in logs[standby].read_text()
+        assert "key ranges" not in logs[standby].read_text()
+        procs[leader].send_signal(signal.SIGKILL)
+        procs[leader].wait(10)
+        wait_until(lambda: "resumed from key" in logs[standby].read_text(), timeout=60,
+                   what="the standby to take over")
+        equal_soon(pg, couch, timeout=150)
+        assert pg.execute("SELECT owner FROM chtsync_sources").fetchone()[0].endswith(f":{procs[standby].pid}")
+        procs[standby].send_signal(signal.SIGTERM)
+        assert procs[standby].wait(20) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert "Traceback" not in logs[standby].read_text()
