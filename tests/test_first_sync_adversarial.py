@@ -375,3 +375,89 @@ def test_two_replicas_on_a_fresh_database(
             if p.poll() is None:
                 p.kill()
     assert "Traceback" not in logs[standby].read_text()
+
+
+def test_sigterm_while_couchdb_hangs_mid_range(
+    couch: CouchAdmin, couch_server, pg: psycopg.Connection, dbname: str,
+) -> None:
+    """CouchDB frozen (SIGSTOP) while the readers wait for their ranges: SIGTERM still ends
+    `chtsync sync` at once with exit 0; the readers' threads, stuck in recv, do not hold it."""
+    if not hasattr(couch_server, "kill"):
+        pytest.skip("CouchDB is external: it cannot be frozen here")
+    couch.create_db("medic")
+    ids = uuids(91, 4000)
+    for chunk in range(0, 4000, 1000):
+        couch.bulk("medic", [{"_id": i, "type": "person", "pad": "v" * 300} for i in ids[chunk:chunk + 1000]])
+    env = subprocess_env(couch_server, dbname, FIRST_SYNC_READERS="4", BATCH_SIZE="5")
+    subprocess.run([sys.executable, "-m", "chtsync", "migrate"], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "chtsync", "sync"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    frozen = False
+    try:
+        wait_until(lambda: (first_sync_state(pg)[1] or "") >= "10", timeout=120, what="10 ranges written")
+        os.kill(couch_server.pid, signal.SIGSTOP)
+        frozen = True
+        time.sleep(1.0)  # every reader is now waiting on the frozen server
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)  # a thread holding the process fails here
+        err = proc.stderr.read()
+    finally:
+        if frozen:
+            os.kill(couch_server.pid, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err[-2000:]
+    assert "SIGTERM received: stopping" in err and "Traceback" not in err
+    done = subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert assert_equal(pg, couch, "medic", SOURCE) == 4000
+
+
+def test_ids_too_long_for_a_url_end_a_page(couch: CouchAdmin, cfg_factory, pg: psycopg.Connection) -> None:
+    """CouchDB stores ids of any length, but refuses a request line of some 16 KB (HTTP 400)
+    and httpx a query over 64 KiB: a page ending at a 20,000-character id (or at 6,000 emoji,
+    72 KB once URL-encoded) must not stall its range, where the next page starts."""
+    couch.create_db("medic")
+    long_ascii = "77-07" + "x" * 20_000
+    long_emoji = "88-07" + "\U0001f600" * 6_000
+    ids = [f"{p}-{n:02d}" for p in ("77", "88") for n in range(1, 12) if n != 7] + [long_ascii, long_emoji]
+    ids += uuids(101, 200)
+    r = couch.http.post("/medic/_bulk_docs", content=json.dumps({"docs": [{"_id": i, "t": 1} for i in ids]}))
+    assert r.status_code == 201 and all("rev" in x for x in r.json()), r.text[:300]
+    # Pages of 7: "77-01".."77-06" then the long id; the next page starts at it.
+    stats = sync_once(fs_cfg(cfg_factory, BATCH_SIZE="7"))
+    assert stats[0].state == "caught up"
+    assert assert_equal(pg, couch, "medic", SOURCE) == len(ids)
+
+
+def test_a_failed_range_is_reported_as_itself(
+    couch: CouchAdmin, cfg_factory, pg: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One range's reads fail (HTTP 500) while the other readers go on: the follower reports
+    that failure, not "readers ended before every range" once the others are done."""
+    from chtsync.couch import CouchClient
+    from chtsync.errors import CouchError
+
+    couch.create_db("medic")
+    couch.bulk("medic", [{"_id": i, "type": "person"} for i in uuids(111, 600)])
+    real = CouchClient.all_docs_range
+
+    async def failing(self, db, start, end, limit, **kw):
+        if start is not None and start.startswith("80"):
+            raise CouchError("CouchDB answered HTTP 500 for range 80", status=500)
+        return await real(self, db, start, end, limit, **kw)
+
+    def reason() -> str | None:
+        row = pg.execute("SELECT reason FROM chtsync_sources").fetchone()
+        return row[0] if row else None
+
+    monkeypatch.setattr(CouchClient, "all_docs_range", failing)
+    with BackgroundSync(fs_cfg(cfg_factory, BATCH_SIZE="50")):
+        wait_until(lambda: reason() is not None, timeout=60, what="the follower to report the failure")
+        reasons = {reason()}
+        time.sleep(1.5)  # the other readers finish their ranges meanwhile
+        reasons.add(reason())
+    assert reasons == {"CouchDB answered HTTP 500 for range 80"}
+    after = first_sync_state(pg)[1]
+    assert after is None or after <= "80"  # never past the range that fails
