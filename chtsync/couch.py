@@ -362,11 +362,15 @@ class CouchClient:
     async def all_docs_page(
         self, db: str, start_key: str | None, limit: int
     ) -> list[tuple[str, str]]:
-        """(id, winning rev) of up to `limit` documents from start_key on; no bodies."""
-        params: dict[str, Any] = {"limit": limit}
-        if start_key is not None:
-            params["start_key"] = json.dumps(start_key)
-        data = self._json(await self._get(self._db_path(db) + "/_all_docs", db, params=params), db)
+        """(id, winning rev) of up to `limit` documents from start_key on; no bodies. The key
+        goes in a POST body: an id may be too long for a URL (see all_docs_range)."""
+        keys = {} if start_key is None else {"start_key": start_key}
+        with self._transport_errors(db):
+            response = await self.http.post(
+                self._db_path(db) + "/_all_docs", params={"limit": limit}, content=json.dumps(keys),
+                headers={"Content-Type": "application/json"})
+        self._check_status(response, db)
+        data = self._json(response, db)
         try:
             return [(str(row["id"]), str(row["value"]["rev"])) for row in data.get("rows", [])]
         except (KeyError, TypeError, AttributeError):

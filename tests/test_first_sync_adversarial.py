@@ -6,6 +6,7 @@ exact refusal."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,6 +25,7 @@ import pytest
 
 from chtsync import first_sync
 from chtsync.store import Store
+from chtsync.verify import verify
 from tests.servers import CouchAdmin
 from tests.syncutil import BackgroundSync, assert_equal, pg_state, sync_once, wait_until
 
@@ -426,9 +428,13 @@ def test_ids_too_long_for_a_url_end_a_page(couch: CouchAdmin, cfg_factory, pg: p
     r = couch.http.post("/medic/_bulk_docs", content=json.dumps({"docs": [{"_id": i, "t": 1} for i in ids]}))
     assert r.status_code == 201 and all("rev" in x for x in r.json()), r.text[:300]
     # Pages of 7: "77-01".."77-06" then the long id; the next page starts at it.
-    stats = sync_once(fs_cfg(cfg_factory, BATCH_SIZE="7"))
+    cfg = fs_cfg(cfg_factory, BATCH_SIZE="7")
+    stats = sync_once(cfg)
     assert stats[0].state == "caught up"
     assert assert_equal(pg, couch, "medic", SOURCE) == len(ids)
+    # verify pages _all_docs the same way: the long ids end its pages of 7 too.
+    [report] = asyncio.run(verify(cfg, page_size=7, record=False))
+    assert (report.error, report.checked, report.equal) == (None, len(ids), True)
 
 
 def test_a_failed_range_is_reported_as_itself(
