@@ -140,6 +140,13 @@ def _grow(body: bytearray, chunk: bytes, limit: int, max_bytes: int | None) -> N
         raise PageTooLarge(limit, size)
 
 
+def _request(params: dict[str, Any], content: bytes | None) -> tuple[str, dict[str, Any]]:
+    """stream()'s method and keyword arguments: GET, or POST with a JSON body."""
+    if content is None:
+        return "GET", {"params": params}
+    return "POST", {"params": params, "content": content, "headers": {"Content-Type": "application/json"}}
+
+
 def short_seq(seq: str | None, width: int = 16) -> str:
     """A seq for people to read: opaque and long on CouchDB 3, so cut to `width` characters."""
     if not seq:
@@ -304,25 +311,31 @@ class CouchClient:
         self, db: str, start: str | None, end: str | None, limit: int, *, max_bytes: int | None = None,
     ) -> bytes:
         """Up to `limit` documents with ids from `start` (inclusive) to `end` (exclusive), with
-        their bodies, as the raw `_all_docs?include_docs=true` response body (first sync)."""
+        their bodies, as the raw `_all_docs?include_docs=true` response body (first sync).
+        The keys go in a POST body: a page may end at an id of any length, and CouchDB refuses
+        a request line of some 16 KB (httpx a query of 64 KiB) where the next page starts."""
         params: dict[str, Any] = {"include_docs": "true", "limit": limit}
+        keys: dict[str, Any] = {}
         if start is not None:
-            params["start_key"] = json.dumps(start)
+            keys["start_key"] = start
         if end is not None:
-            params.update(end_key=json.dumps(end), inclusive_end="false")
-        return await self._page(db, "/_all_docs", params, limit, max_bytes, bulk=True)
+            keys.update(end_key=end, inclusive_end=False)
+        return await self._page(db, "/_all_docs", params, limit, max_bytes, bulk=True,
+                                content=json.dumps(keys).encode())
 
     async def _page(
         self, db: str, endpoint: str, params: dict[str, Any], limit: int, max_bytes: int | None,
-        *, bulk: bool = False,
+        *, bulk: bool = False, content: bytes | None = None,
     ) -> bytes:
-        """A response body as bytes. One growing past max_bytes while more than one row was
-        asked for is abandoned (PageTooLarge): the caller asks again for fewer."""
+        """A response body as bytes (GET, or POST of a JSON `content`). One growing past
+        max_bytes while more than one row was asked for is abandoned (PageTooLarge): the caller
+        asks again for fewer."""
         path = self._db_path(db) + endpoint
         if bulk and self._bulk is not None:
-            return await _in_thread(self._page_blocking, db, path, params, limit, max_bytes)
+            return await _in_thread(self._page_blocking, db, path, params, limit, max_bytes, content)
+        method, kw = _request(params, content)
         with self._transport_errors(db):
-            async with self.http.stream("GET", path, params=params) as response:
+            async with self.http.stream(method, path, **kw) as response:
                 if response.status_code != 200:
                     await response.aread()
                     self._check_status(response, db)
@@ -333,9 +346,11 @@ class CouchClient:
 
     def _page_blocking(
         self, db: str, path: str, params: dict[str, Any], limit: int, max_bytes: int | None,
+        content: bytes | None = None,
     ) -> bytes:
         assert self._bulk is not None
-        with self._transport_errors(db), self._bulk.stream("GET", path, params=params) as response:
+        method, kw = _request(params, content)
+        with self._transport_errors(db), self._bulk.stream(method, path, **kw) as response:
             if response.status_code != 200:
                 response.read()
                 self._check_status(response, db)
@@ -347,11 +362,15 @@ class CouchClient:
     async def all_docs_page(
         self, db: str, start_key: str | None, limit: int
     ) -> list[tuple[str, str]]:
-        """(id, winning rev) of up to `limit` documents from start_key on; no bodies."""
-        params: dict[str, Any] = {"limit": limit}
-        if start_key is not None:
-            params["start_key"] = json.dumps(start_key)
-        data = self._json(await self._get(self._db_path(db) + "/_all_docs", db, params=params), db)
+        """(id, winning rev) of up to `limit` documents from start_key on; no bodies. The key
+        goes in a POST body: an id may be too long for a URL (see all_docs_range)."""
+        keys = {} if start_key is None else {"start_key": start_key}
+        with self._transport_errors(db):
+            response = await self.http.post(
+                self._db_path(db) + "/_all_docs", params={"limit": limit}, content=json.dumps(keys),
+                headers={"Content-Type": "application/json"})
+        self._check_status(response, db)
+        data = self._json(response, db)
         try:
             return [(str(row["id"]), str(row["value"]["rev"])) for row in data.get("rows", [])]
         except (KeyError, TypeError, AttributeError):

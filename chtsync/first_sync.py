@@ -142,15 +142,17 @@ class FirstSync:
         stopping = asyncio.ensure_future(self.stop.wait())
         try:
             while True:
+                # A reader may have failed while the page before was written: its error, not a
+                # "readers ended" once the others have read every other range.
+                for reader in readers:
+                    if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                        raise reader.exception()  # type: ignore[misc]
                 waiting = {get, stopping, *(r for r in readers if not r.done())}
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
                     return get.result()
                 if stopping in done:
                     raise Stopped
-                for reader in done:
-                    if reader.exception() is not None:
-                        raise reader.exception()  # type: ignore[misc]
                 if all(r.done() for r in readers) and queue.empty():
                     raise CouchError(f"first sync of {self.source}: readers ended before every range")
         finally:

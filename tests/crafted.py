@@ -32,7 +32,7 @@ class CraftedCouch:
 
     pages: PageFn
     update_seq: str = "0"
-    all_docs: bytes = b"<html>502 Bad Gateway</html>"  # GET /{db}/_all_docs
+    all_docs: bytes = b"<html>502 Bad Gateway</html>"  # GET or POST /{db}/_all_docs
     asked: list[Asked] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -70,6 +70,11 @@ class CraftedCouch:
                     self._send(200, crafted.all_docs)
                 else:
                     self._send(404, b'{"error":"not_found","reason":"missing"}')
+
+            def do_POST(self) -> None:
+                # _all_docs takes its keys in a POST body; the body does not change the answer.
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.do_GET()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -61,10 +61,11 @@ class FakeCouch:
     def all_docs(self, request: httpx.Request) -> httpx.Response:
         """_all_docs as CouchDB answers it: live documents by id, or the given keys."""
         docs = self.docs()
-        if request.method == "POST":
+        body = json.loads(request.content) if request.method == "POST" else {}
+        if "keys" in body:
             with_docs = request.url.params.get("include_docs") == "true"
             rows = []
-            for k in json.loads(request.content)["keys"]:
+            for k in body["keys"]:
                 if k not in docs:
                     rows.append({"key": k, "error": "not_found"})
                     continue
@@ -73,9 +74,10 @@ class FakeCouch:
                 if with_docs:
                     row["doc"] = None if gone else docs[k]
                 rows.append(row)
-        else:
+        else:  # a page of the listing (its start key in the POST body, as CouchDB takes it)
+            start, limit = body.get("start_key", ""), int(request.url.params.get("limit", 10**9))
             rows = [{"id": k, "key": k, "value": {"rev": d["_rev"]}}
-                    for k, d in sorted(docs.items()) if not d.get("_deleted")]
+                    for k, d in sorted(docs.items()) if not d.get("_deleted") and k >= start][:limit]
         return httpx.Response(200, json={"total_rows": len(rows), "offset": 0, "rows": rows})
 
     def handler(self, request: httpx.Request) -> httpx.Response:
