@@ -7,9 +7,9 @@ the schema match (plan / apply), refresh.py keeps models up to date (refresh_onc
 
 from chtsync.pipeline.apply import Plan, Step, apply, plan
 from chtsync.pipeline.graph import Model, Pipeline, load
-from chtsync.pipeline.refresh import RefreshResult, rebuild, refresh_loop, refresh_once
+from chtsync.pipeline.refresh import RefreshResult, initial_sync, rebuild, refresh_loop, refresh_once
 
 __all__ = [
-    "Model", "Pipeline", "Plan", "RefreshResult", "Step", "apply", "load", "plan", "rebuild",
+    "Model", "Pipeline", "Plan", "RefreshResult", "Step", "apply", "initial_sync", "load", "plan", "rebuild",
     "refresh_loop", "refresh_once",
 ]
