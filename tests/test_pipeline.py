@@ -290,6 +290,34 @@ def test_refresh_skips_unchanged_models(pg: psycopg.Connection, cfg: Config, mod
     assert pg.execute("SELECT n FROM hourly").fetchone() == (2,)
 
 
+def test_models_reading_an_unchanged_model_are_not_rerun(pg: psycopg.Connection, cfg: Config,
+                                                          models: ModelsFile, docs: Docs) -> None:
+    """A write that changes no row of a model (a report, for a model of persons) does not re-run
+    the models reading it; they catch up with every document written meanwhile on their next run."""
+    docs.put({"_id": "p1", "type": "person", "name": "Ann"})
+    base_models(models)
+    models.set("named", "SELECT uuid, upper(name) AS name FROM person", kind="incremental", unique_key=["uuid"])
+    models.set("names", "SELECT count(*) AS n FROM person", kind="materialized_view")
+    build(cfg, pg)
+    assert pg.execute("SELECT name FROM named").fetchall() == [("ANN",)]
+
+    docs.put({"_id": "r1", "type": "report"})
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["person"].status == "ok" and results["person"].changed == 1  # ran, found no person
+    assert results["named"].status == "skipped" and results["names"].status == "skipped"
+    assert {r.status for r in pipeline.refresh_once(cfg, pg) if r.name in ("named", "names")} == {"skipped"}
+
+    docs.put({"_id": "p1", "type": "person", "name": "Anna"}, {"_id": "p2", "type": "person", "name": "Bob"})
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["named"].status == "ok" and results["named"].changed == 3  # r1 too: written since its run
+    assert results["names"].status == "ok"
+    assert pg.execute("SELECT uuid, name FROM named ORDER BY uuid").fetchall() == [("p1", "ANNA"), ("p2", "BOB")]
+    assert pg.execute("SELECT n FROM names").fetchone() == (2,)
+    assert {r.status for r in pipeline.refresh_once(cfg, pg) if r.name in ("named", "names")} == {"skipped"}
+    for name in ("person", "named"):
+        assert diff_with_rebuild(pg, pipeline.load(cfg).models[name]) == 0
+
+
 def test_an_empty_model_fills_before_its_interval(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
                                                   docs: Docs) -> None:
     models.set("forms", "SELECT doc->>'form' AS form, count(*) AS n FROM couchdb GROUP BY 1",

@@ -241,14 +241,17 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
                 with conn.transaction():
                     ms = (time.monotonic() - started) * 1000
                     state.seq = value(conn, "record_refresh_ok", {
-                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
+                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot,
+                        "touched": True, "seen": 0})
                     conn.execute(q("build_done"), (model.name,))
             else:
                 with conn.transaction():
-                    rows, changed_docs = strategy.refresh(conn, cfg, model, state, aggregates.get(model.name, []))
+                    rows, changed_docs, touched = strategy.refresh(conn, cfg, model, state,
+                                                                   aggregates.get(model.name, []))
                     ms = (time.monotonic() - started) * 1000
                     state.seq = value(conn, "record_refresh_ok", {
-                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
+                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot, "touched": touched,
+                        "seen": max([states[u].seq or 0 for u in inp.models], default=0)})
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 raise
@@ -339,7 +342,8 @@ def rebuild(cfg: Config, conn: psycopg.Connection, name: str) -> RefreshResult:
         for m in aggregates_by_upstream(pipeline).get(name, []):
             conn.execute(q("pending_all"), (m.name,))
         ms = (time.monotonic() - started) * 1000
-        conn.execute(q("record_refresh_ok"), {"name": name, "ms": ms, "rows": rows, "snapshot": snapshot})
+        conn.execute(q("record_refresh_ok"), {"name": name, "ms": ms, "rows": rows, "snapshot": snapshot,
+                                              "touched": True, "seen": 0})
     with autocommit(conn):
         analyze(conn, name)
     log.info("model rebuilt name=%s kind=%s rows=%s ms=%.0f", name, model.kind, rows, ms)
