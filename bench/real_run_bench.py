@@ -98,10 +98,13 @@ def poll(conn: psycopg.Connection, query: str, timeout: float) -> float:
 
 
 CAUGHT_UP = ("SELECT count(*) = 2 AND bool_and(pending = 0) FROM v1.couchdb_progress")
-# Every model caught up: built, nothing written since its snapshot, no aggregate group waiting.
-ALL_MODELS = ("SELECT count(*) > 0 AND bool_and(last_status = 'ok' AND last_rows > 0 AND build_docs IS NULL"
-              " AND (kind <> 'incremental' OR NOT v1.chtsync_raw_changed_v1('v1.couchdb', snapshot)))"
+# Every model caught up: built, no aggregate group waiting, and a round has seen every document
+# (document_metadata reads them all; a model whose inputs did not change in that round was skipped,
+# so its own snapshot may be older).
+ALL_MODELS = ("SELECT count(*) > 0 AND bool_and(last_status = 'ok' AND last_rows > 0 AND build_docs IS NULL)"
               " AND NOT EXISTS (SELECT 1 FROM v1.chtsync_model_pending)"
+              " AND NOT bool_or(name = 'document_metadata'"
+              " AND v1.chtsync_raw_changed_v1('v1.couchdb', snapshot))"
               " FROM v1.chtsync_models WHERE kind <> 'view'")
 
 
