@@ -9,6 +9,7 @@ first build of every model from scratch at this size (each model's snapshot clea
 `refresh_once` rebuilds it the way it builds a new model: in batches).
 
 Usage: python bench/real_run_bench.py --docs 200000 [--latency-seconds 30] [--idle 30] [--no-write]
+       [--couchdb-url URL --run-only]  (a server loaded once, runs compared: e.g. before/after a change)
 (10M: `--docs 10000000`; CouchDB needs ~2 KB of disk per document, set TMPDIR to a big disk.)
 """
 
@@ -132,21 +133,24 @@ def latency(admin: httpx.Client, couch_url: str, conn: psycopg.Connection,
     return [raw[k] - t for k, t in written.items() if k in raw], [seen[k] - t for k, t in written.items() if k in seen]
 
 
-def bench(docs: int, latency_seconds: float, idle_seconds: float) -> dict[str, object]:
+def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str | None = None,
+          run_only: bool = False) -> dict[str, object]:
     out: dict[str, object] = {"docs": docs}
-    server = CouchDBServer().start()
+    server = None if couch_url else CouchDBServer().start()
+    url = couch_url or server.url
     proc = None
     try:
-        load = subprocess.run([sys.executable, "-m", "chtsync", "sample", "--docs", str(docs), "--no-bad",
-                               "--couchdb-url", server.url], env=env(server.url), cwd=ROOT,
-                              capture_output=True, text=True, check=True)
-        print(load.stdout.strip() or load.stderr.strip().splitlines()[-1], flush=True)
-        out["changes_docs"], out["changes_rate"] = changes_rate(server.url, "medic")
+        if server is not None:
+            load = subprocess.run([sys.executable, "-m", "chtsync", "sample", "--docs", str(docs), "--no-bad",
+                                   "--couchdb-url", url], env=env(url), cwd=ROOT,
+                                  capture_output=True, text=True, check=True)
+            print(load.stdout.strip() or load.stderr.strip().splitlines()[-1], flush=True)
+        out["changes_docs"], out["changes_rate"] = changes_rate(url, "medic")
         dsn = fresh_db()
         log_path = Path(tempfile.gettempdir()) / "chtsync-real-run.log"
         with open(log_path, "w") as log:
             started = time.monotonic()
-            proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env(server.url), cwd=ROOT,
+            proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env(url), cwd=ROOT,
                                     stdout=log, stderr=log)
         sampler = Sampler(proc.pid)
         sampler.start()
@@ -163,7 +167,7 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float) -> dict[str, o
             time.sleep(idle_seconds)
             out["idle_cpu_pct"] = 100 * (cpu_seconds(proc.pid) - before) / idle_seconds
             with httpx.Client(auth=ADMIN, timeout=60) as admin:
-                to_raw, lat = latency(admin, server.url, conn, latency_seconds)
+                to_raw, lat = latency(admin, url, conn, latency_seconds)
             out["latency_p50"], out["latency_p95"], out["latency_n"] = pct(lat, 0.5), pct(lat, 0.95), len(lat)
             out["raw_p50"], out["raw_p95"] = pct(to_raw, 0.5), pct(to_raw, 0.95)
         sampler.done.set()
@@ -171,12 +175,14 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float) -> dict[str, o
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         proc = None
-        out.update(cycle_and_builds(server.url))
+        if not run_only:
+            out.update(cycle_and_builds(url))
     finally:
         if proc is not None:
             proc.kill()
             proc.wait(30)
-        server.close()
+        if server is not None:
+            server.close()
     return out
 
 
@@ -245,9 +251,15 @@ def main() -> int:
     parser.add_argument("--latency-seconds", type=float, default=30)
     parser.add_argument("--idle", type=float, default=30)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--couchdb-url", help="a real CouchDB already loaded by `chtsync sample --docs N"
+                        " --no-bad` whose admin is tests.servers.ADMIN (none started, nothing loaded)")
+    parser.add_argument("--run-only", action="store_true",
+                        help="stop after the run's measures (sync, models, idle CPU, latency); implies --no-write")
     args = parser.parse_args()
-    result = bench(args.docs, args.latency_seconds, args.idle)
+    result = bench(args.docs, args.latency_seconds, args.idle, args.couchdb_url, args.run_only)
     print(result, flush=True)
+    if args.run_only:
+        return 0
     text = report(result, f"python bench/real_run_bench.py --docs {args.docs}")
     print(text)
     if not args.no_write:
