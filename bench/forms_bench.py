@@ -15,25 +15,22 @@ Usage: python bench/forms_bench.py [--docs 20000,100000] [--no-write]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import machine, write_section
-from chtsync import config, db, migrate, pipeline, queries
+from bench.scratch import ADMIN_DSN, bench_config, ingest, scratch_db
+from chtsync import db, migrate, pipeline
 from chtsync import demo as sample
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-BENCH_DB = "chtsync_bench_forms"
 PAGE = 1000
 CHANGED = 100
 
@@ -57,17 +54,6 @@ FIELDS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
-def fresh_db() -> None:
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {BENCH_DB}")
-
-
-def drop_db() -> None:
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-
-
 def write_models(folder: Path) -> Path:
     shipped = {m["name"]: m for m in yaml.safe_load((ROOT / "sql" / "models.yaml").read_text())["models"]}
     (folder / "data_record.sql").write_text((ROOT / "sql" / "data_record.sql").read_text())
@@ -81,69 +67,51 @@ def write_models(folder: Path) -> Path:
     return path
 
 
-def make_cfg(models: Path) -> config.Config:
-    return config.load(env={
-        "COUCHDB_URL": "http://127.0.0.1:9", "POSTGRES_HOST": "127.0.0.1", "POSTGRES_USER": "postgres",
-        "POSTGRES_DB": BENCH_DB, "CHTSYNC_MODELS": str(models), "CHTSYNC_INSTANCE": "bench",
-    }, search=False)
-
-
-def ingest(conn: psycopg.Connection, docs: list[dict[str, Any]], seq: int) -> None:
-    results = [{"seq": str(seq + k), "id": d["_id"], "changes": [{"rev": d["_rev"]}], "doc": d}
-               for k, d in enumerate(docs)]
-    conn.execute(queries.get("ingest_page"),
-                 ("couchdb", "bench/medic", json.dumps({"results": results, "last_seq": str(seq)}), PAGE, True, False))
-
-
 def bench(n: int) -> dict[str, Any]:
-    fresh_db()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = make_cfg(write_models(Path(tmp)))
-            migrate.apply(cfg)
-            data = sample.Sample(n, 1, bad=False)
-            reports: list[dict[str, Any]] = []
-            with db.connect(cfg, autocommit=True) as conn:
-                page: list[dict[str, Any]] = []
-                seq = 0
-                for _db, doc in data:  # every database's documents into one source: only reports matter
-                    doc = {**doc, "_rev": doc.get("_rev", "1-a")}
-                    page.append(doc)
-                    if doc.get("type") == "data_record":
-                        reports.append(doc)
-                    if len(page) == PAGE:
-                        ingest(conn, page, seq)
-                        seq, page = seq + PAGE, []
-                if page:
+    with scratch_db("forms") as dbname, tempfile.TemporaryDirectory() as tmp:
+        cfg = bench_config(dbname, write_models(Path(tmp)), CHTSYNC_INSTANCE="bench")
+        migrate.apply(cfg)
+        data = sample.Sample(n, 1, bad=False)
+        reports: list[dict[str, Any]] = []
+        with db.connect(cfg, autocommit=True) as conn:
+            page: list[dict[str, Any]] = []
+            seq = 0
+            for _db, doc in data:  # every database's documents into one source: only reports matter
+                doc = {**doc, "_rev": doc.get("_rev", "1-a")}
+                page.append(doc)
+                if doc.get("type") == "data_record":
+                    reports.append(doc)
+                if len(page) == PAGE:
                     ingest(conn, page, seq)
-                started = time.monotonic()
-                pipeline.apply(cfg, conn)
-                apply_s = time.monotonic() - started
-                built = dict(conn.execute("SELECT name, last_duration_ms FROM chtsync_models").fetchall())
-                rows = dict(conn.execute("SELECT name, last_rows FROM chtsync_models").fetchall())
-                pipeline.refresh_once(cfg, conn)  # the tests' first run (results recorded)
-                first_tests = conn.execute(
-                    "SELECT sum(execution_time) * 1000 FROM chtsync_model_tests").fetchone()[0]
-                step = max(1, len(reports) // CHANGED)
-                edited = [{**r, "_rev": "2-b", "fields": {**r["fields"], "notes": "edited"}}
-                          for r in reports[::step][:CHANGED]]
-                ingest(conn, edited, seq + PAGE)
-                before = conn.execute("SELECT max(run_at) FROM chtsync_model_tests").fetchone()[0]
-                results = {r.name: r for r in pipeline.refresh_once(cfg, conn)}
-                tests_ms = conn.execute("SELECT sum(execution_time) * 1000 FROM chtsync_model_tests"
-                                        " WHERE run_at > %s", (before,)).fetchone()[0]
-                forms = [name for name in built if name.startswith("form_")]
-                return {
-                    "docs": n, "reports": len(reports), "apply_s": apply_s,
-                    "data_record_ms": built["data_record"],
-                    "forms_build_ms": sum(built[f] for f in forms), "form_rows": sum(rows[f] for f in forms),
-                    "forms": len(forms),
-                    "data_record_inc_ms": results["data_record"].duration_ms,
-                    "forms_inc_ms": sum(results[f].duration_ms for f in forms),
-                    "tests": 2 * len(forms) + 2, "first_tests_ms": first_tests, "tests_ms": tests_ms,
-                }
-    finally:
-        drop_db()
+                    seq, page = seq + PAGE, []
+            if page:
+                ingest(conn, page, seq)
+            started = time.monotonic()
+            pipeline.apply(cfg, conn)
+            apply_s = time.monotonic() - started
+            built = dict(conn.execute("SELECT name, last_duration_ms FROM chtsync_models").fetchall())
+            rows = dict(conn.execute("SELECT name, last_rows FROM chtsync_models").fetchall())
+            pipeline.refresh_once(cfg, conn)  # the tests' first run (results recorded)
+            first_tests = conn.execute(
+                "SELECT sum(execution_time) * 1000 FROM chtsync_model_tests").fetchone()[0]
+            step = max(1, len(reports) // CHANGED)
+            edited = [{**r, "_rev": "2-b", "fields": {**r["fields"], "notes": "edited"}}
+                      for r in reports[::step][:CHANGED]]
+            ingest(conn, edited, seq + PAGE)
+            before = conn.execute("SELECT max(run_at) FROM chtsync_model_tests").fetchone()[0]
+            results = {r.name: r for r in pipeline.refresh_once(cfg, conn)}
+            tests_ms = conn.execute("SELECT sum(execution_time) * 1000 FROM chtsync_model_tests"
+                                    " WHERE run_at > %s", (before,)).fetchone()[0]
+            forms = [name for name in built if name.startswith("form_")]
+            return {
+                "docs": n, "reports": len(reports), "apply_s": apply_s,
+                "data_record_ms": built["data_record"],
+                "forms_build_ms": sum(built[f] for f in forms), "form_rows": sum(rows[f] for f in forms),
+                "forms": len(forms),
+                "data_record_inc_ms": results["data_record"].duration_ms,
+                "forms_inc_ms": sum(results[f].duration_ms for f in forms),
+                "tests": 2 * len(forms) + 2, "first_tests_ms": first_tests, "tests_ms": tests_ms,
+            }
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -9,7 +9,8 @@ first build of every model from scratch at this size (each model's snapshot clea
 `refresh_once` rebuilds it the way it builds a new model: in batches).
 
 Usage: python bench/real_run_bench.py --docs 200000 [--latency-seconds 30] [--idle 30] [--no-write]
-       [--couchdb-url http://admin:pass@127.0.0.1:5984]  (a CouchDB loaded by an earlier run)
+       [--couchdb-url http://admin:pass@127.0.0.1:5984] [--run-only]  (a CouchDB loaded by an earlier
+       run; --run-only: the run's measures only, to compare runs before and after a change)
 (10M: `--docs 10000000`; CouchDB needs ~2 KB of disk per document, set TMPDIR to a big disk.)
 """
 
@@ -106,30 +107,38 @@ def poll(conn: psycopg.Connection, query: str, timeout: float) -> float:
 
 
 CAUGHT_UP = ("SELECT count(*) = 2 AND bool_and(pending = 0) FROM v1.couchdb_progress")
-# Every model caught up: built, nothing written since its snapshot, no aggregate group waiting.
-ALL_MODELS = ("SELECT count(*) > 0 AND bool_and(last_status = 'ok' AND last_rows > 0 AND build_docs IS NULL"
-              " AND (kind <> 'incremental' OR NOT v1.chtsync_raw_changed_v1('v1.couchdb', snapshot)))"
+# Every model caught up: built, no aggregate group waiting, and a round has seen every document
+# (document_metadata reads them all; a model whose inputs did not change in that round was skipped,
+# so its own snapshot may be older).
+ALL_MODELS = ("SELECT count(*) > 0 AND bool_and(last_status = 'ok' AND last_rows > 0 AND build_docs IS NULL)"
               " AND NOT EXISTS (SELECT 1 FROM v1.chtsync_model_pending)"
+              " AND NOT bool_or(name = 'document_metadata'"
+              " AND v1.chtsync_raw_changed_v1('v1.couchdb', snapshot))"
               " FROM v1.chtsync_models WHERE kind <> 'view'")
 
 
-def latency(admin: httpx.Client, couch_url: str, conn: psycopg.Connection, seconds: float) -> list[float]:
-    """One report every 0.25 s; seconds from CouchDB's answer to the row in data_record."""
+def latency(admin: httpx.Client, couch_url: str, conn: psycopg.Connection,
+            seconds: float) -> tuple[list[float], list[float]]:
+    """One report every 0.25 s; seconds from CouchDB's answer to the row in the raw table, and to
+    the row in data_record. Polled by id (the hash index), so a poll costs ~1 ms, not a scan."""
     written: dict[str, float] = {}
+    raw: dict[str, float] = {}
     seen: dict[str, float] = {}
     end = time.monotonic() + seconds
-    i = 0
     while time.monotonic() < end or (len(seen) < len(written) and time.monotonic() < end + 30):
         if time.monotonic() < end and (not written or time.monotonic() - max(written.values()) >= 0.25):
-            doc_id = f"latency{i:05d}"
+            doc_id = f"latency{time.time_ns()}"
             admin.put(f"{couch_url}/medic/{doc_id}", json={
                 "type": "data_record", "form": "pnc_visit", "reported_date": int(time.time() * 1000)})
             written[doc_id] = time.monotonic()
-            i += 1
-        for (doc_id,) in conn.execute("SELECT uuid FROM v1.data_record WHERE uuid LIKE 'latency%%'"):
+        waiting = [k for k in written if k not in seen]
+        for (doc_id,) in conn.execute("SELECT _id FROM v1.couchdb WHERE _id = ANY(%s)",
+                                      ([k for k in waiting if k not in raw],)):
+            raw.setdefault(doc_id, time.monotonic())
+        for (doc_id,) in conn.execute("SELECT uuid FROM v1.data_record WHERE uuid = ANY(%s)", (waiting,)):
             seen.setdefault(doc_id, time.monotonic())
-        time.sleep(0.01)
-    return [seen[k] - t for k, t in written.items() if k in seen]
+        time.sleep(0.005)
+    return [raw[k] - t for k, t in written.items() if k in raw], [seen[k] - t for k, t in written.items() if k in seen]
 
 
 def loaded(url: str) -> int:
@@ -138,33 +147,35 @@ def loaded(url: str) -> int:
     return r.json().get("doc_count", 0) if r.status_code == 200 else 0
 
 
-def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str | None) -> dict[str, object]:
+def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str | None = None,
+          run_only: bool = False) -> dict[str, object]:
     global AUTH
     out: dict[str, object] = {"docs": docs, "load": os.getloadavg()[0]}
     server: CouchDBServer | ExternalCouchDB = (
         ExternalCouchDB(couch_url).start() if couch_url else CouchDBServer().start())
     AUTH = server.auth
+    url = server.url
     proc = None
     try:
-        if loaded(server.url) < docs * 0.9:  # a server from an earlier run keeps its documents
+        if loaded(url) < docs * 0.9:  # a server from an earlier run keeps its documents
             load = subprocess.run([sys.executable, "-m", "chtsync", "sample", "--docs", str(docs), "--no-bad",
-                                   "--couchdb-url", server.url], env=env(server.url), cwd=ROOT,
+                                   "--couchdb-url", url], env=env(url), cwd=ROOT,
                                   capture_output=True, text=True, check=True)
             print(load.stdout.strip() or load.stderr.strip().splitlines()[-1], flush=True)
-        out["changes_docs"], out["changes_rate"] = changes_rate(server.url, "medic")
-        # The same sync from the feed alone (one _changes stream, FIRST_SYNC_READERS=1).
-        fresh_db()
-        started = time.monotonic()
-        subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], cwd=ROOT, check=True,
-                       env={**env(server.url), "FIRST_SYNC_READERS": "1", "COUCHDB_DBS": "medic"},
-                       capture_output=True)
-        out["feed_s"] = time.monotonic() - started
-        out["feed_rate"] = out["changes_docs"] / out["feed_s"]
+        out["changes_docs"], out["changes_rate"] = changes_rate(url, "medic")
+        if not run_only:  # the same sync from the feed alone (one _changes stream)
+            fresh_db()
+            started = time.monotonic()
+            subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], cwd=ROOT, check=True,
+                           env={**env(url), "FIRST_SYNC_READERS": "1", "COUCHDB_DBS": "medic"},
+                           capture_output=True)
+            out["feed_s"] = time.monotonic() - started
+            out["feed_rate"] = out["changes_docs"] / out["feed_s"]
         dsn = fresh_db()
         log_path = Path(tempfile.gettempdir()) / "chtsync-real-run.log"
         with open(log_path, "w") as log:
             started = time.monotonic()
-            proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env(server.url), cwd=ROOT,
+            proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env(url), cwd=ROOT,
                                     stdout=log, stderr=log)
         sampler = Sampler(proc.pid)
         sampler.start()
@@ -181,19 +192,22 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str
             time.sleep(idle_seconds)
             out["idle_cpu_pct"] = 100 * (cpu_seconds(proc.pid) - before) / idle_seconds
             with httpx.Client(auth=AUTH, timeout=60) as admin:
-                lat = latency(admin, server.url, conn, latency_seconds)
+                to_raw, lat = latency(admin, url, conn, latency_seconds)
             out["latency_p50"], out["latency_p95"], out["latency_n"] = pct(lat, 0.5), pct(lat, 0.95), len(lat)
+            out["raw_p50"], out["raw_p95"] = pct(to_raw, 0.5), pct(to_raw, 0.95)
         sampler.done.set()
         out["peak_rss_mb"] = sampler.peak
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         proc = None
-        out.update(cycle_and_builds(server.url))
+        if not run_only:
+            out.update(cycle_and_builds(url))
     finally:
         if proc is not None:
             proc.kill()
             proc.wait(30)
-        server.close()
+        if server is not None:
+            server.close()
     return out
 
 
@@ -248,6 +262,7 @@ def report(r: dict[str, object], command: str) -> str:
         f"| idle CPU of `chtsync run` | {r['idle_cpu_pct']:.2f} % of a core |",
         f"| CouchDB write to `data_record`, p50 / p95 ({r['latency_n']} reports) |"
         f" {r['latency_p50']:.3f} s / {r['latency_p95']:.3f} s |",
+        f"| of which CouchDB write to the raw table, p50 / p95 | {r['raw_p50']:.3f} s / {r['raw_p95']:.3f} s |",
         f"| one refresh cycle of all models after {CHANGED} changed reports | {r['cycle_ms']:.0f} ms |",
         f"| idle check (`refresh_once`, nothing changed, median of 15) | {r['idle_ms']:.1f} ms |",
         f"| first build of every model from scratch (batched) | {r['builds_s']:.0f} s |",
@@ -267,9 +282,13 @@ def main() -> int:
     parser.add_argument("--couchdb-url", help="a running CouchDB with an admin in the URL (loaded by an"
                         " earlier run, or loaded now); default: a new one from ../shared/couchdb")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--run-only", action="store_true",
+                        help="stop after the run's measures (sync, models, idle CPU, latency); implies --no-write")
     args = parser.parse_args()
-    result = bench(args.docs, args.latency_seconds, args.idle, args.couchdb_url)
+    result = bench(args.docs, args.latency_seconds, args.idle, args.couchdb_url, args.run_only)
     print(result, flush=True)
+    if args.run_only:
+        return 0
     text = report(result, f"python bench/real_run_bench.py --docs {args.docs}")
     print(text)
     if not args.no_write:

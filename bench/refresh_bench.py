@@ -12,7 +12,6 @@ Usage: python bench/refresh_bench.py [--sizes 10000,100000,1000000] [--no-write]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,12 +24,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import machine, write_section
+from bench.scratch import ADMIN_DSN, bench_config, ingest, scratch_db
 from chtsync import config, db, migrate, pipeline, queries
 from chtsync.pipeline.graph import Pipeline
+from chtsync.pipeline.kinds import since
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-BENCH_DB = "chtsync_bench_refresh"
 ROUNDS = 3
 CHANGED = 100
 IDLE_SAMPLES = 5  # per round: a single call can hit a checkpoint's I/O after a big refresh
@@ -52,24 +51,6 @@ FROM generate_series(%s::int, %s::int) AS i
 """
 
 
-def fresh_db() -> None:
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {BENCH_DB}")
-
-
-def drop_db() -> None:
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-
-
-def make_cfg(models: Path) -> config.Config:
-    return config.load(env={
-        "COUCHDB_URL": "http://127.0.0.1:9", "POSTGRES_HOST": "127.0.0.1", "POSTGRES_USER": "postgres",
-        "POSTGRES_DB": BENCH_DB, "CHTSYNC_MODELS": str(models),
-    }, search=False)
-
-
 def write_models(folder: Path) -> Path:
     (folder / "data_record.sql").write_text((ROOT / "sql" / "data_record.sql").read_text())
     models = [
@@ -86,14 +67,9 @@ def write_models(folder: Path) -> Path:
 def edit_reports(conn: psycopg.Connection, size: int, round_: int) -> None:
     """CHANGED reports edited as the sync engine writes them: one _changes page."""
     step = max(1, size // CHANGED // 5 * 5)  # multiples of 5: i % 5 == 0 is a report
-    results = []
-    for k in range(CHANGED):
-        i = 5 + k * step
-        doc = {"_id": f"doc-{i}", "_rev": f"{round_ + 2}-b", "type": "data_record", "form": "edited",
-               "reported_date": 1700000000000 + i, "fields": {"patient_id": f"p-{round_}"}}
-        results.append({"seq": str(k), "id": doc["_id"], "changes": [{"rev": doc["_rev"]}], "doc": doc})
-    conn.execute(queries.get("ingest_page"),
-                 ("couchdb", "bench/medic", json.dumps({"results": results, "last_seq": "x"}), 1000, True, False))
+    ingest(conn, [{"_id": f"doc-{i}", "_rev": f"{round_ + 2}-b", "type": "data_record", "form": "edited",
+                   "reported_date": 1700000000000 + i, "fields": {"patient_id": f"p-{round_}"}}
+                  for i in (5 + k * step for k in range(CHANGED))])
 
 
 def timed_refresh(cfg: config.Config, conn: psycopg.Connection, built: Pipeline) -> tuple[dict[str, float], float]:
@@ -110,7 +86,7 @@ def explain(cfg: config.Config, conn: psycopg.Connection, built: Pipeline) -> st
     and the incremental insert with CHANGED ids in the temp table."""
     model = built.models["data_record_inc"]
     snapshot = conn.execute("SELECT snapshot::text FROM chtsync_models WHERE name = %s", (model.name,)).fetchone()[0]
-    params = {"snapshot": snapshot, "xip": [x for x in snapshot.split(":")[2].split(",") if x]}
+    params = since(cfg, snapshot)
     probe = queries.compose("raw_changed_since", table=db.table_ident(cfg))
     lines = ["-- change probe (raw_changed_since)"]
     lines += [r[0] for r in conn.execute(psycopg.sql.SQL("EXPLAIN ") + probe, params)]
@@ -126,42 +102,38 @@ def explain(cfg: config.Config, conn: psycopg.Connection, built: Pipeline) -> st
 
 
 def bench(sizes: list[int]) -> tuple[list[dict[str, object]], str]:
-    fresh_db()
     rows: list[dict[str, object]] = []
     plan_text = ""
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = make_cfg(write_models(Path(tmp)))
-            migrate.apply(cfg)
-            built = pipeline.load(cfg)
-            with db.connect(cfg, autocommit=True) as conn:
-                loaded = 0
-                for size in sizes:
-                    conn.execute("DROP MATERIALIZED VIEW IF EXISTS data_record_mv")
-                    conn.execute("DROP TABLE IF EXISTS data_record_inc")
-                    conn.execute("TRUNCATE chtsync_models")
-                    conn.execute(GENERATE, (loaded + 1, size))
-                    loaded = size
-                    # No hand-run VACUUM or ANALYZE: chtsync keeps the statistics itself.
-                    started = time.monotonic()
-                    pipeline.apply(cfg, conn, pipeline=built)
-                    pipeline.refresh_once(cfg, conn, pipeline=built)  # the incremental table's first build
-                    build_s = time.monotonic() - started
-                    mv, inc, idle = [], [], []
-                    for r in range(ROUNDS):
-                        edit_reports(conn, size, loaded + r)
-                        durations, _ = timed_refresh(cfg, conn, built)
-                        mv.append(durations["data_record_mv"])
-                        inc.append(durations["data_record_inc"])
-                        idle += [timed_refresh(cfg, conn, built)[1] for _ in range(IDLE_SAMPLES)]
-                    reports = conn.execute("SELECT count(*) FROM data_record_inc").fetchone()[0]
-                    rows.append({"size": size, "reports": reports, "build_s": build_s,
-                                 "mv_ms": statistics.median(mv), "inc_ms": statistics.median(inc),
-                                 "idle_ms": statistics.median(idle)})
-                    print(rows[-1], flush=True)
-                plan_text = explain(cfg, conn, built)
-    finally:
-        drop_db()
+    with scratch_db("refresh") as dbname, tempfile.TemporaryDirectory() as tmp:
+        cfg = bench_config(dbname, write_models(Path(tmp)))
+        migrate.apply(cfg)
+        built = pipeline.load(cfg)
+        with db.connect(cfg, autocommit=True) as conn:
+            loaded = 0
+            for size in sizes:
+                conn.execute("DROP MATERIALIZED VIEW IF EXISTS data_record_mv")
+                conn.execute("DROP TABLE IF EXISTS data_record_inc")
+                conn.execute("TRUNCATE chtsync_models")
+                conn.execute(GENERATE, (loaded + 1, size))
+                loaded = size
+                # No hand-run VACUUM or ANALYZE: chtsync keeps the statistics itself.
+                started = time.monotonic()
+                pipeline.apply(cfg, conn, pipeline=built)
+                pipeline.refresh_once(cfg, conn, pipeline=built)  # the incremental table's first build
+                build_s = time.monotonic() - started
+                mv, inc, idle = [], [], []
+                for r in range(ROUNDS):
+                    edit_reports(conn, size, loaded + r)
+                    durations, _ = timed_refresh(cfg, conn, built)
+                    mv.append(durations["data_record_mv"])
+                    inc.append(durations["data_record_inc"])
+                    idle += [timed_refresh(cfg, conn, built)[1] for _ in range(IDLE_SAMPLES)]
+                reports = conn.execute("SELECT count(*) FROM data_record_inc").fetchone()[0]
+                rows.append({"size": size, "reports": reports, "build_s": build_s,
+                             "mv_ms": statistics.median(mv), "inc_ms": statistics.median(inc),
+                             "idle_ms": statistics.median(idle)})
+                print(rows[-1], flush=True)
+            plan_text = explain(cfg, conn, built)
     return rows, plan_text
 
 

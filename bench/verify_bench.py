@@ -29,30 +29,19 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import machine, write_section
+from bench.scratch import ADMIN_DSN, bench_config, dsn, scratch_db
 from chtsync import config, db, migrate, queries, verify
 from chtsync.couch import CouchClient
 from tests.servers import ADMIN, PouchServer
 from tests.syncutil import sync_once
 
-ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-BENCH_DB = "chtsync_bench_verify"
-DSN = f"host=127.0.0.1 port=5432 user=postgres dbname={BENCH_DB}"
 PLANTED = 100
 CPU: dict[int, float] = {}  # id(report) -> this process's CPU seconds during that verify
 
 
-def fresh_db() -> None:
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {BENCH_DB}")
-
-
-def make_cfg(couch_url: str, instance: str = "bench") -> config.Config:
-    return config.load(env={
-        "COUCHDB_URL": couch_url, "COUCHDB_USER": ADMIN[0], "COUCHDB_PASSWORD": ADMIN[1],
-        "CHTSYNC_INSTANCE": instance, "POSTGRES_HOST": "127.0.0.1", "POSTGRES_USER": "postgres",
-        "POSTGRES_DB": BENCH_DB,
-    }, search=False)
+def make_cfg(dbname: str, couch_url: str) -> config.Config:
+    return bench_config(dbname, couch_url=couch_url, COUCHDB_USER=ADMIN[0], COUCHDB_PASSWORD=ADMIN[1],
+                        CHTSYNC_INSTANCE="bench")
 
 
 def doc_id(i: int) -> str:
@@ -99,10 +88,11 @@ class CannedCouch:
         return httpx.Response(404, json={"error": "not_found"})
 
 
-def load_rows(n: int) -> float:
-    """n live rows for source bench/medic, ~0.9 KB incompressible bodies, made by SQL."""
+def load_rows(dbname: str, n: int) -> float:
+    """n live rows for source bench/medic, ~0.9 KB incompressible bodies, made by SQL (no hand-run
+    VACUUM or ANALYZE: what a real table looks like right after a bulk load)."""
     t = time.perf_counter()
-    with psycopg.connect(DSN, autocommit=True) as conn:
+    with psycopg.connect(dsn(dbname), autocommit=True) as conn:
         conn.execute(f"""
             INSERT INTO v1.couchdb (_id, source, doc, _rev)
             SELECT id, 'bench/medic',
@@ -112,16 +102,19 @@ def load_rows(n: int) -> float:
             FROM generate_series(1, {n}) AS i,
                  LATERAL (SELECT 'doc-' || lpad(i::text, 7, '0') AS id,
                                  '1-' || lpad(to_hex(i), 32, '0') AS r) AS x""")
-        conn.execute("VACUUM ANALYZE v1.couchdb")
     return time.perf_counter() - t
 
 
 def bench_canned(n: int) -> dict[str, Any]:
-    fresh_db()
-    cfg = make_cfg("http://couch.invalid")
+    with scratch_db("verify") as dbname:
+        return canned_run(dbname, n)
+
+
+def canned_run(dbname: str, n: int) -> dict[str, Any]:
+    cfg = make_cfg(dbname, "http://couch.invalid")
     migrate.apply(cfg)
-    load_s = load_rows(n)
-    with psycopg.connect(DSN) as conn:
+    load_s = load_rows(dbname, n)
+    with psycopg.connect(dsn(dbname)) as conn:
         size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('v1.couchdb'))").fetchone()[0]
     # CouchDB: the same documents, except PLANTED missing in Postgres (ids beyond n), PLANTED
     # stale (a newer revision), PLANTED vanished (rows whose documents CouchDB lacks).
@@ -178,21 +171,21 @@ def bench_pouch(n: int) -> dict[str, Any]:
                 {"_id": doc_id(i), "type": "data_record", "form": "pregnancy", "n": i}
                 for i in range(start, min(n, start + 5000))])
         load_s = time.perf_counter() - t
-        fresh_db()
-        cfg = make_cfg(server.url)
-        t = time.perf_counter()
-        sync_once(cfg)
-        sync_s = time.perf_counter() - t
-        cpu = time.process_time()
-        plain = asyncio.run(verify.verify(cfg, record=False))[0]
-        CPU[id(plain)] = time.process_time() - cpu
-        with psycopg.connect(DSN, autocommit=True) as conn:
-            conn.execute(
-                "DELETE FROM v1.couchdb WHERE _id IN (SELECT _id FROM v1.couchdb ORDER BY md5(_id) LIMIT %s)",
-                (PLANTED,))
-        cpu = time.process_time()
-        fixed = asyncio.run(verify.verify(cfg, repair=True, record=False))[0]
-        CPU[id(fixed)] = time.process_time() - cpu
+        with scratch_db("verify") as dbname:
+            cfg = make_cfg(dbname, server.url)
+            t = time.perf_counter()
+            sync_once(cfg)
+            sync_s = time.perf_counter() - t
+            cpu = time.process_time()
+            plain = asyncio.run(verify.verify(cfg, record=False))[0]
+            CPU[id(plain)] = time.process_time() - cpu
+            with psycopg.connect(dsn(dbname), autocommit=True) as conn:
+                conn.execute(
+                    "DELETE FROM v1.couchdb WHERE _id IN (SELECT _id FROM v1.couchdb ORDER BY md5(_id) LIMIT %s)",
+                    (PLANTED,))
+            cpu = time.process_time()
+            fixed = asyncio.run(verify.verify(cfg, repair=True, record=False))[0]
+            CPU[id(fixed)] = time.process_time() - cpu
         assert plain.equal and fixed.count(verify.MISSING) == PLANTED and fixed.remaining == {}
         return {"n": n, "load_s": load_s, "sync_s": sync_s, "plain": plain, "fixed": fixed}
     finally:
@@ -213,8 +206,6 @@ def main() -> None:
     canned = bench_canned(args.docs)
     print("canned done", fmt(canned["plain"]), flush=True)
     pouch = bench_pouch(args.couch_docs)
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
 
     c, p = canned, pouch
     rate = c["n"] / c["plain"].seconds

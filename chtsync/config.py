@@ -84,6 +84,7 @@ class Config:
     first_sync_min_docs: int = 50_000
     models: Path = field(default_factory=paths.default_models)
     refresh_interval: float = 5.0
+    hold_pending: int = 10_000  # models wait while a source catches up with more pending; 0: never
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
     log_level: str = "INFO"
@@ -119,7 +120,7 @@ KNOWN_KEYS: dict[str, set[str]] = {
         "host", "port", "user", "password", "password_file", "db", "schema", "table", "url",
     },
     "sync": {"batch_size", "page_bytes", "heartbeat_ms", "first_sync_readers", "first_sync_min_docs"},
-    "pipeline": {"models", "interval"},
+    "pipeline": {"models", "interval", "hold_pending"},
     "metrics": {"port", "host"},
     "log": {"level", "format"},
     "ha": {"lease_seconds"},
@@ -477,6 +478,8 @@ def load(
                                  or sync.get("first_sync_min_docs", 50_000), 0),
         models=models,
         refresh_interval=_float("DATAEMON_INTERVAL", interval, 0.1),
+        hold_pending=_int("CHTSYNC_HOLD_PENDING" if env.get("CHTSYNC_HOLD_PENDING") else "pipeline.hold_pending",
+                          env.get("CHTSYNC_HOLD_PENDING") or pipeline.get("hold_pending", 10_000)),
         metrics_port=None if metrics_port in (None, "") else _int("METRICS_PORT", metrics_port, 1, 65535),
         metrics_host=str(env.get("METRICS_HOST") or _scalar("metrics.host", metrics.get("host", "0.0.0.0"))),
         log_level=level,

@@ -128,7 +128,8 @@ async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
     wake = asyncio.Event()
     tasks = [
         asyncio.create_task(follow_all(cfg, stop, once=once, runtime=runtime), name="followers"),
-        asyncio.create_task(pipeline.refresh_loop(cfg, stop, wake), name="refresh"),
+        asyncio.create_task(pipeline.refresh_loop(cfg, stop, wake, lambda: pipeline.initial_sync(
+            cfg.hold_pending, ((s.source, s.state, s.pending) for s in runtime.sources))), name="refresh"),
         asyncio.create_task(verify.verify_loop(cfg, stop), name="verify"),  # returns at once when off
         asyncio.create_task(_listen(cfg, stop, wake), name="listen"),
         asyncio.create_task(metrics.collect_loop(runtime, stop), name="metrics"),

@@ -14,6 +14,7 @@ from psycopg.rows import dict_row
 from chtsync import db, queries
 from chtsync.config import Config
 from chtsync.pipeline import datatests
+from chtsync.pipeline.refresh import initial_sync
 
 
 def lease_keys(cfg: Config) -> dict[str, int]:
@@ -89,8 +90,10 @@ def gather(cfg: Config, conn: psycopg.Connection, *, counts: bool = True) -> dic
                 "build": _build(m),
                 "tests": tests.get(m["name"], []),
             })
+    # What the running service's refresh loop does with these sources (refresh.initial_sync).
+    waiting = initial_sync(cfg.hold_pending, ((s["source"], s["state"], s["pending"]) for s in sources))
     return {"schema": cfg.schema, "table": cfg.table, "now": _iso(now),
-            "sources": sources, "models": models}
+            "sources": sources, "models": models, "models_wait": waiting}
 
 
 def _build(m: dict[str, Any]) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
@@ -18,6 +19,7 @@ from pytest_postgresql import factories
 
 from chtsync import config as config_mod
 from chtsync import migrate
+from tests.pipeline_helpers import Docs, ModelsFile
 from tests.servers import ADMIN, COUCHDB_TARBALL, CouchAdmin, CouchDBServer, ExternalCouchDB, PouchServer
 
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
@@ -144,3 +146,20 @@ def cfg_factory(dbname: str, couch_server):
 
 
 __all__ = ["make_config", "replace"]
+
+
+# The pipeline tests' fixtures (test_pipeline, test_datatests, ...): a models file, a config
+# reading it, documents written as the ingest writes them.
+@pytest.fixture
+def models(tmp_path: Path) -> ModelsFile:
+    return ModelsFile(tmp_path)
+
+
+@pytest.fixture
+def cfg(dbname: str, models: ModelsFile) -> config_mod.Config:
+    return make_config(dbname, CHTSYNC_MODELS=str(models.path))
+
+
+@pytest.fixture
+def docs(pg: psycopg.Connection) -> Docs:
+    return Docs(pg)

@@ -20,29 +20,13 @@ from chtsync import cli, metrics, service, state
 from chtsync import pipeline as engine
 from chtsync.config import Config, ConfigError
 from chtsync.pipeline.models import load_file
-from tests.conftest import make_config
-from tests.test_pipeline import Docs, ModelsFile
+from tests.pipeline_helpers import Docs, ModelsFile
 
 NOW = dt.datetime.now(dt.UTC).isoformat()
 OLD = "2020-01-01T00:00:00Z"
 R_SQL = ("SELECT _id AS uuid, doc ->> 'kind' AS kind, doc ->> 'ref' AS ref,"
          " (doc ->> 'when')::timestamptz AS at FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'r'")
 P_SQL = "SELECT _id AS uuid FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'p'"
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> ModelsFile:
-    return ModelsFile(tmp_path)
-
-
-@pytest.fixture
-def cfg(dbname: str, models: ModelsFile) -> Config:
-    return make_config(dbname, CHTSYNC_MODELS=str(models.path))
-
-
-@pytest.fixture
-def docs(pg: psycopg.Connection) -> Docs:
-    return Docs(pg)
 
 
 def r(doc_id: str, kind: str | None = "a", ref: str = "p1", when: str = NOW) -> dict[str, Any]:

@@ -5,11 +5,8 @@ failures, concurrent readers), incremental tables, the CLI and the service loop.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,70 +20,10 @@ from chtsync.errors import ModelBuildError, PlanConflict
 from chtsync.pipeline import graph
 from chtsync.pipeline.models import load_file
 from tests.conftest import make_config
+from tests.pipeline_helpers import Docs, ModelsFile
 from tests.syncutil import wait_until
 
-MEDIC = "host/medic"
-
-
 # --- helpers (the property test uses them too) -----------------------------------------------
-
-
-class Docs:
-    """Writes documents as the sync engine does: a _changes page through chtsync_ingest_v2."""
-
-    def __init__(self, conn: psycopg.Connection, table: str = "v1.couchdb") -> None:
-        self.conn = conn
-        self.table = table
-        self.revs: dict[tuple[str, str], int] = defaultdict(int)
-        self.seq = 0
-
-    def _page(self, results: list[dict[str, Any]], source: str, conn: psycopg.Connection | None) -> None:
-        self.seq += 1
-        page = {"results": results, "last_seq": str(self.seq)}
-        (conn or self.conn).execute(
-            "SELECT * FROM chtsync_ingest_v2(%s::regclass, %s, %s::jsonb, 1000)",
-            (self.table, source, json.dumps(page)))
-
-    def _rev(self, source: str, doc_id: str) -> str:
-        self.revs[(source, doc_id)] += 1
-        return f"{self.revs[(source, doc_id)]}-abc"
-
-    def put(self, *docs: dict[str, Any], source: str = MEDIC, conn: psycopg.Connection | None = None) -> None:
-        results = []
-        for doc in docs:
-            body = dict(doc, _rev=self._rev(source, doc["_id"]))
-            results.append({"seq": self.seq, "id": body["_id"], "changes": [{"rev": body["_rev"]}], "doc": body})
-        self._page(results, source, conn)
-
-    def delete(self, *ids: str, source: str = MEDIC, conn: psycopg.Connection | None = None) -> None:
-        results = []
-        for doc_id in ids:
-            rev = self._rev(source, doc_id)
-            results.append({"seq": self.seq, "id": doc_id, "deleted": True, "changes": [{"rev": rev}],
-                            "doc": {"_id": doc_id, "_rev": rev, "_deleted": True}})
-        self._page(results, source, conn)
-
-
-class ModelsFile:
-    """A models.yaml with its .sql files in a temporary folder."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.models: dict[str, dict[str, Any]] = {}
-        self.path = folder / "models.yaml"
-
-    def set(self, name: str, body: str, kind: str = "view", **props: Any) -> ModelsFile:
-        (self.folder / f"{name}.sql").write_text(body)
-        self.models[name] = {"name": name, "sql": f"{name}.sql", "kind": kind, **props}
-        return self.write()
-
-    def remove(self, name: str) -> ModelsFile:
-        del self.models[name]
-        return self.write()
-
-    def write(self) -> ModelsFile:
-        self.path.write_text(yaml.safe_dump({"models": list(self.models.values())}, sort_keys=False))
-        return self
 
 
 def oids(conn: psycopg.Connection, *names: str) -> dict[str, int | None]:
@@ -114,21 +51,6 @@ def build(cfg: Config, conn: psycopg.Connection) -> None:
     """apply, then the first refresh: it fills the incremental models apply created empty."""
     pipeline.apply(cfg, conn)
     pipeline.refresh_once(cfg, conn)
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> ModelsFile:
-    return ModelsFile(tmp_path)
-
-
-@pytest.fixture
-def cfg(dbname: str, models: ModelsFile) -> Config:
-    return make_config(dbname, CHTSYNC_MODELS=str(models.path))
-
-
-@pytest.fixture
-def docs(pg: psycopg.Connection) -> Docs:
-    return Docs(pg)
 
 
 # --- models.yaml and the graph (no database) ------------------------------------------------
@@ -365,6 +287,34 @@ def test_refresh_skips_unchanged_models(pg: psycopg.Connection, cfg: Config, mod
     forced = by_name(pipeline.refresh_once(cfg, pg, force=True))
     assert {r.status for r in forced.values()} == {"ok"}
     assert pg.execute("SELECT n FROM hourly").fetchone() == (2,)
+
+
+def test_models_reading_an_unchanged_model_are_not_rerun(pg: psycopg.Connection, cfg: Config,
+                                                          models: ModelsFile, docs: Docs) -> None:
+    """A write that changes no row of a model (a report, for a model of persons) does not re-run
+    the models reading it; they catch up with every document written meanwhile on their next run."""
+    docs.put({"_id": "p1", "type": "person", "name": "Ann"})
+    base_models(models)
+    models.set("named", "SELECT uuid, upper(name) AS name FROM person", kind="incremental", unique_key=["uuid"])
+    models.set("names", "SELECT count(*) AS n FROM person", kind="materialized_view")
+    build(cfg, pg)
+    assert pg.execute("SELECT name FROM named").fetchall() == [("ANN",)]
+
+    docs.put({"_id": "r1", "type": "report"})
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["person"].status == "ok" and results["person"].changed == 1  # ran, found no person
+    assert results["named"].status == "skipped" and results["names"].status == "skipped"
+    assert {r.status for r in pipeline.refresh_once(cfg, pg) if r.name in ("named", "names")} == {"skipped"}
+
+    docs.put({"_id": "p1", "type": "person", "name": "Anna"}, {"_id": "p2", "type": "person", "name": "Bob"})
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["named"].status == "ok" and results["named"].changed == 3  # r1 too: written since its run
+    assert results["names"].status == "ok"
+    assert pg.execute("SELECT uuid, name FROM named ORDER BY uuid").fetchall() == [("p1", "ANNA"), ("p2", "BOB")]
+    assert pg.execute("SELECT n FROM names").fetchone() == (2,)
+    assert {r.status for r in pipeline.refresh_once(cfg, pg) if r.name in ("named", "names")} == {"skipped"}
+    for name in ("person", "named"):
+        assert diff_with_rebuild(pg, pipeline.load(cfg).models[name]) == 0
 
 
 def test_an_empty_model_fills_before_its_interval(pg: psycopg.Connection, cfg: Config, models: ModelsFile,

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from chtsync import db, pipeline
 from chtsync.pipeline import graph
 from tests.conftest import make_config
-from tests.test_pipeline import Docs, ModelsFile, diff_with_rebuild
+from tests.pipeline_helpers import Docs, ModelsFile
+from tests.test_pipeline import diff_with_rebuild
 
 IDS = [f"d{i}" for i in range(6)]
 SOURCES = ["host/medic", "host/other"]

@@ -11,10 +11,11 @@ import pytest
 from chtsync import pipeline, state
 from chtsync.pipeline import graph
 from tests.conftest import make_config
+from tests.pipeline_helpers import ModelsFile
 from tests.servers import CouchAdmin
 from tests.syncutil import BackgroundSync, assert_equal, pg_state, sync_once, wait_until
 from tests.test_conflicts import branches, winner
-from tests.test_pipeline import ModelsFile, diff_with_rebuild
+from tests.test_pipeline import diff_with_rebuild
 
 SOURCE = "127.0.0.1/medic"
 

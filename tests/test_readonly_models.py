@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from tests.conftest import PG_HOST, PG_PORT, PG_USER
-from tests.test_pipeline import Docs, ModelsFile
+from tests.pipeline_helpers import Docs, ModelsFile
 
 
 def run_apply(dbname: str, models: Path) -> subprocess.CompletedProcess[str]:

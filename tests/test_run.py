@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import time
 import httpx
 import psycopg
 
-from tests.conftest import PG_HOST, PG_PORT
+from chtsync import state
+from tests.conftest import PG_HOST, PG_PORT, make_config
 from tests.servers import CouchAdmin, free_port
 from tests.syncutil import assert_equal, wait_until
 
@@ -109,3 +111,53 @@ def test_run_end_to_end(couch: CouchAdmin, couch_server, dbname: str, pg: psycop
     assert "SIGTERM received" in output and "stopped" in output
     # Secrets: the CouchDB password appears nowhere in a full debug run's output.
     assert couch_server.auth[1] not in output + status.stdout + status.stderr + text
+
+
+def test_models_wait_for_the_initial_sync(couch: CouchAdmin, couch_server, dbname: str, pg: psycopg.Connection,
+                                          tmp_path) -> None:
+    """A catch-up with more pending than CHTSYNC_HOLD_PENDING: the models wait (said in the log
+    and in status), then each is built once from (nearly) every document, not re-derived round
+    after round while the sync runs."""
+    docs, hold, batch = 3000, 300, 20
+    couch.create_db("medic")
+    for start in range(0, docs, 1000):
+        couch.bulk("medic", [report(i) for i in range(start, start + 1000)])
+    env = dict(os.environ, COUCHDB_URL=couch_server.url, COUCHDB_USER=couch_server.auth[0],
+               COUCHDB_PASSWORD=couch_server.auth[1], COUCHDB_DBS="medic", POSTGRES_HOST=PG_HOST,
+               POSTGRES_PORT=str(PG_PORT), POSTGRES_USER="postgres", POSTGRES_DB=dbname,
+               CHTSYNC_CONFIG=os.devnull, BATCH_SIZE=str(batch), CHTSYNC_HOLD_PENDING=str(hold),
+               DATAEMON_INTERVAL="1", LOG_LEVEL="INFO")
+    cfg = make_config(dbname, couch_server.url, CHTSYNC_HOLD_PENDING=str(hold))
+    waits: list[tuple[str, int]] = []  # (status's models_wait, data_record rows just before)
+
+    def models_built() -> bool:
+        try:
+            rows = pg.execute("SELECT count(*) FROM data_record").fetchone()[0]
+            # Read after the rows: while status says "wait", no round has built data_record yet.
+            wait = state.gather(cfg, pg, counts=False)["models_wait"]
+        except psycopg.errors.UndefinedTable:
+            return False
+        if wait:
+            waits.append((wait, rows))
+        return rows == docs
+
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env, stdout=log, stderr=log)
+    try:
+        wait_until(models_built, timeout=120, what="data_record built")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    output = log_path.read_text()
+    assert waits and all(rows == 0 for _, rows in waits), waits
+    assert waits[0][0].startswith("models wait for the initial sync (127.0.0.1/medic: ")
+    held = output.index("models wait for the initial sync (127.0.0.1/medic: ")
+    done = output.index("models refresh: the initial sync is done")
+    assert held < done
+    # No model refreshed while the sync ran; data_record built once, from all but the last
+    # pending changes (the hold ends at `hold` pending; a page or more may land meanwhile).
+    assert "model refreshed" not in output[held:done]
+    assert len(re.findall(r"model built name=data_record ", output)) == 1
+    first = re.search(r"model refreshed name=data_record kind=incremental rows=(\d+) changed=None", output)
+    assert first and int(first.group(1)) >= docs - hold - batch, first

@@ -45,7 +45,8 @@ def render(doc: dict[str, Any]) -> None:
                   _num(s["errors"]), _age(s["last_change_at"], doc["now"]), lag, verified)
     console.print(t)
     if doc["models"]:
-        m = Table(title="Models", title_justify="left")
+        title = "Models" + (f" ({doc['models_wait']})" if doc.get("models_wait") else "")
+        m = Table(title=title, title_justify="left")
         for col in ("model", "kind", "rows", "last refresh", "took", "stale", "status", "tests"):
             m.add_column(col, justify="right" if col in ("rows", "took", "stale") else "left")
         for r in doc["models"]:

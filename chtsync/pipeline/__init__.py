@@ -8,10 +8,10 @@ shadow.py rebuilds one beside the old version and swaps them.
 
 from chtsync.pipeline.apply import Plan, Step, apply, plan
 from chtsync.pipeline.graph import Model, Pipeline, load
-from chtsync.pipeline.refresh import RefreshResult, refresh_loop, refresh_once
+from chtsync.pipeline.refresh import RefreshResult, initial_sync, refresh_loop, refresh_once
 from chtsync.pipeline.shadow import rebuild
 
 __all__ = [
-    "Model", "Pipeline", "Plan", "RefreshResult", "Step", "apply", "load", "plan", "rebuild",
+    "Model", "Pipeline", "Plan", "RefreshResult", "Step", "apply", "initial_sync", "load", "plan", "rebuild",
     "refresh_loop", "refresh_once",
 ]

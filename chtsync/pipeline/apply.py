@@ -356,8 +356,8 @@ def _apply(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, adopt: boo
                 try:
                     if model.name in prebuilt:  # catch up with the writes since its build began
                         built = prebuilt[model.name]
-                        rows, _ = of(model.kind).rederive(conn, cfg, model, built.snapshot, built.rows, [],
-                                                          shadow_name(model.name))
+                        rows = of(model.kind).rederive(conn, cfg, model, built.snapshot, built.rows, [],
+                                                          shadow_name(model.name)).rows
                         rename_shadow(conn, model)
                         conn.execute(q("build_done"), (model.name,))
                     else:

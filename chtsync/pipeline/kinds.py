@@ -7,7 +7,7 @@ new kind is one class here (plus its checks in models.py's messages).
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -41,7 +41,12 @@ def since(cfg: Config, snapshot: str) -> dict[str, object]:
     return {"schema": cfg.schema, "table": cfg.table, "snapshot": snapshot}
 
 
-Refreshed = tuple[int, int | None]  # (rows, changed documents or groups; None: built from scratch)
+class Refreshed(NamedTuple):
+    rows: int | None
+    changed: int | None  # documents or groups re-derived; None: built from scratch
+    # False when not a row was deleted or inserted: the models reading this one need not run
+    # (most writes touch few models: a new report changes no contact).
+    touched: bool = True
 
 
 class Strategy:
@@ -76,7 +81,7 @@ class Strategy:
                 aggregates: list[Model]) -> Refreshed:
         """Bring the model up to date inside the caller's transaction; return (rows, changed)."""
         conn.execute(q("local_lock_timeout"), (EXCLUSIVE_LOCK_TIMEOUT,))
-        return self.rebuild(conn, model), None
+        return Refreshed(self.rebuild(conn, model), None)
 
 
 class View(Strategy):
@@ -117,7 +122,7 @@ class MaterializedView(Strategy):
         if any(ix.unique for ix in model.spec.indexes):
             name = sql.Identifier(model.name)
             conn.execute(q("refresh_matview_concurrently", model=name))  # readers never wait
-            return value(conn, "count_rows", model=name), None
+            return Refreshed(value(conn, "count_rows", model=name), None)
         return super().refresh(conn, cfg, model, state, aggregates)
 
 
@@ -151,7 +156,8 @@ class Incremental(Strategy):
         conn.execute(q("local_jit_off"))
         changed = conn.execute(q("changed_ids_fill"), since(cfg, snapshot), prepare=False).rowcount
         if changed == 0:
-            return rows if rows is not None else value(conn, "count_rows", model=name), 0
+            return Refreshed(rows if rows is not None else value(conn, "count_rows", model=name), 0,
+                             touched=False)
         conn.execute(q("changed_ids_analyze"))
         for column in model.spec.reference_keys:
             changed += conn.execute(q("changed_ids_referencing", model=name, key=key, column=sql.Identifier(column)),
@@ -164,9 +170,10 @@ class Incremental(Strategy):
         deleted = conn.execute(q("incremental_delete", model=name, key=key), prepare=False).rowcount
         inserted = conn.execute(q("incremental_insert", model=name, key=key, body=body), prepare=False).rowcount
         record_groups(conn, aggregates, model, after=True)
+        touched = bool(deleted or inserted)
         if rows is None:
-            return value(conn, "count_rows", model=name), changed
-        return rows - deleted + inserted, changed
+            return Refreshed(value(conn, "count_rows", model=name), changed, touched)
+        return Refreshed(rows - deleted + inserted, changed, touched)
 
 
 class Aggregate(Strategy):
@@ -189,9 +196,10 @@ class Aggregate(Strategy):
         groups //= max(len(values), 1)
         if everything or any(len(v) > MAX_GROUP_VALUES for v in values.values()):
             conn.execute(q("delete_all", model=name))  # not TRUNCATE: readers keep reading meanwhile
-            return conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None
+            return Refreshed(conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None)
         if groups == 0:
-            return state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0
+            return Refreshed(state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0,
+                             touched=False)
         conn.execute(q("local_jit_off"))
         types = dict(conn.execute(q("column_types"), (model.name,)).fetchall())
         condition = sql.SQL(" AND ").join(
@@ -203,9 +211,10 @@ class Aggregate(Strategy):
                                prepare=False).rowcount
         inserted = conn.execute(q("aggregate_insert", model=name, body=sql.SQL(model.sql), condition=condition),
                                 params, prepare=False).rowcount
+        touched = bool(deleted or inserted)
         if state.rows is None:
-            return value(conn, "count_rows", model=name), groups
-        return state.rows - deleted + inserted, groups
+            return Refreshed(value(conn, "count_rows", model=name), groups, touched)
+        return Refreshed(state.rows - deleted + inserted, groups, touched)
 
 
 STRATEGIES: dict[str, Strategy] = {s.kind.value: s() for s in (View, MaterializedView, Table, Incremental, Aggregate)}

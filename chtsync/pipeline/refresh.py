@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -28,7 +28,14 @@ from chtsync.pipeline.session import autocommit, first_line, q, value
 
 log = logging.getLogger("chtsync.pipeline")
 
-DEBOUNCE = 0.2  # seconds: writes arriving together trigger one refresh
+# Seconds between the starts of two rounds while writes keep arriving: writes arriving together
+# trigger one refresh. A wake later than this after the last start refreshes at once.
+DEBOUNCE = 0.2
+# While a source catches up with more than cfg.hold_pending changes to read, the models wait, at
+# most this many seconds between rounds: re-deriving ever more documents round after round would
+# take the cores from the sync, and a first build once caught up reads every document once.
+HOLD_SECONDS = 300.0
+HOLD_POLL = 0.5  # seconds between looks at the sources while the models wait
 STOP_GRACE = 3.0  # seconds a running refresh may take to finish once stop is set
 
 
@@ -263,20 +270,23 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
                 rows, changed_docs = built.rows, None
                 with conn.transaction():
                     if built.batched:  # what was written since the build began, derived again
-                        rows, _ = of(model.kind).rederive(conn, cfg, model, built.snapshot, rows,
-                                                          aggregates.get(model.name, []), model.name)
+                        rows = of(model.kind).rederive(conn, cfg, model, built.snapshot, rows,
+                                                          aggregates.get(model.name, []), model.name).rows
                     else:
                         new_snapshot = built.snapshot
                     ms = (time.monotonic() - started) * 1000
                     state.seq = value(conn, "record_refresh_ok", {
-                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
+                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot,
+                        "touched": True, "seen": 0})
                     conn.execute(q("build_done"), (model.name,))
             else:
                 with conn.transaction():
-                    rows, changed_docs = strategy.refresh(conn, cfg, model, state, aggregates.get(model.name, []))
+                    rows, changed_docs, touched = strategy.refresh(conn, cfg, model, state,
+                                                                   aggregates.get(model.name, []))
                     ms = (time.monotonic() - started) * 1000
                     state.seq = value(conn, "record_refresh_ok", {
-                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot})
+                        "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot, "touched": touched,
+                        "seen": max([states[u].seq or 0 for u in inp.models], default=0)})
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 raise
@@ -354,15 +364,34 @@ async def _wait_any(timeout: float | None, *events: asyncio.Event) -> None:
             w.cancel()
 
 
-async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event) -> None:
-    """The service's refresh: every cfg.refresh_interval seconds, and DEBOUNCE seconds after
-    `wake` is set (new rows committed), until `stop`. Database errors are logged and retried; a
-    broken models file is reported once and left alone until the file changes."""
+def initial_sync(hold_pending: int, sources: Iterable[tuple[str, str, int | None]]) -> str | None:
+    """Why the models wait for the initial sync, if they do: a source (name, state, pending)
+    catching up with more than hold_pending changes to read (or not known yet). 0: never wait."""
+    if hold_pending <= 0:
+        return None
+    for name, state, pending in sources:
+        if state == "starting" or (state == "catching up" and (pending is None or pending > hold_pending)):
+            left = "pending not known yet" if pending is None else f"{pending:,} changes pending"
+            return f"models wait for the initial sync ({name}: {left})"
+    return None
+
+
+async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event,
+                       catching_up: Callable[[], str | None] = lambda: None) -> None:
+    """The service's refresh: every cfg.refresh_interval seconds and, when `wake` is set (new
+    rows committed), at once or DEBOUNCE seconds after the last round started, until `stop`.
+    While `catching_up()` gives a reason, rounds wait for it to end (HOLD_SECONDS at most).
+    Database errors are logged and retried; a broken models file is reported once and left alone
+    until the file changes."""
     conn: psycopg.Connection | None = None
     broken_file: float | None = None  # mtime of a models file that failed to load
+    last_round = time.monotonic()  # the hold's bound counts from the start too
     try:
         while not stop.is_set():
+            if await _hold(catching_up, stop, last_round):
+                continue  # stopped
             wake.clear()
+            last_round = time.monotonic()
             try:
                 if broken_file is None or broken_file != _mtime(cfg):
                     broken_file = None
@@ -378,11 +407,30 @@ async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event) ->
                 if conn is not None and (conn.broken or conn.closed):
                     conn = None
             await _wait_any(cfg.refresh_interval, stop, wake)
-            if wake.is_set() and not stop.is_set():
-                await _wait_any(DEBOUNCE, stop)
+            wait = last_round + DEBOUNCE - time.monotonic()
+            if wake.is_set() and not stop.is_set() and wait > 0:
+                await _wait_any(wait, stop)
     finally:
         if conn is not None:
             await asyncio.to_thread(conn.close)
+
+
+async def _hold(catching_up: Callable[[], str | None], stop: asyncio.Event, last_round: float) -> bool:
+    """Wait while a source catches up (HOLD_SECONDS after last_round at most); True if stopped.
+    Said in the log when it lasts (a restart holds for its first page only)."""
+    reason, announced = catching_up(), False
+    while reason is not None and time.monotonic() - last_round < HOLD_SECONDS:
+        await _wait_any(HOLD_POLL, stop)
+        if stop.is_set():
+            return True
+        reason = catching_up()
+        if reason is not None and not announced:
+            log.info("%s: refreshing once it is caught up (or every %.0f s)", reason, HOLD_SECONDS)
+            announced = True
+    if announced:
+        log.info("models refresh: %s", "the initial sync is done" if reason is None
+                 else f"{HOLD_SECONDS:.0f} s without a refresh during the initial sync")
+    return False
 
 
 def _mtime(cfg: Config) -> float:

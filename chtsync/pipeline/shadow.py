@@ -89,7 +89,8 @@ def _record(conn: psycopg.Connection, pipeline: Pipeline, model: Model, rows: in
     for m in aggregates_by_upstream(pipeline).get(model.name, []):
         conn.execute(q("pending_all"), (m.name,))
     ms = (time.monotonic() - started) * 1000
-    conn.execute(q("record_refresh_ok"), {"name": model.name, "ms": ms, "rows": rows, "snapshot": snapshot})
+    conn.execute(q("record_refresh_ok"), {"name": model.name, "ms": ms, "rows": rows, "snapshot": snapshot,
+                                          "touched": True, "seen": 0})
 
 
 def _shadow_rebuild(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, model: Model,
@@ -131,7 +132,7 @@ def _swap(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, model: Mode
     name, kind = sql.Identifier(model.name), sql.SQL(DROP[strategy.relkind])
     now = value(conn, "current_snapshot")
     if strategy.by_document:  # what was written since the build began, derived again
-        rows, _ = strategy.rederive(conn, cfg, model, snapshot, rows, [], shadow)
+        rows = strategy.rederive(conn, cfg, model, snapshot, rows, [], shadow).rows
         snapshot = now
     conn.execute(q("local_lock_timeout"), (EXCLUSIVE_LOCK_TIMEOUT,))
     if strategy.relkind == "r":  # first, so the views found below cannot change (a matview: at its DROP)

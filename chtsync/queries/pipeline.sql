@@ -171,6 +171,9 @@ SELECT count(*) FROM {model}
 SELECT set_config('lock_timeout', %s, true)
 
 -- name: record_refresh_ok
+-- refresh_seq tells the models reading this one that it changed (theirs is lower). A run that
+-- deleted and inserted no row (touched false) only catches up with its upstream models' seqs
+-- (%(seen)s, their highest): it has seen them, and its readers are not re-run for nothing.
 UPDATE chtsync_models SET
     last_refresh_at = now(),
     last_success_at = now(),
@@ -180,7 +183,8 @@ UPDATE chtsync_models SET
     last_error = NULL,
     watermark = pg_snapshot_xmin(%(snapshot)s::pg_snapshot),
     snapshot = %(snapshot)s::pg_snapshot,
-    refresh_seq = nextval('chtsync_models_refresh_seq')
+    refresh_seq = CASE WHEN %(touched)s THEN nextval('chtsync_models_refresh_seq')
+                       ELSE GREATEST(refresh_seq, %(seen)s) END
 WHERE name = %(name)s
 RETURNING refresh_seq
 
