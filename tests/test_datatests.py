@@ -201,3 +201,33 @@ def test_two_tests_of_one_name(tmp_path: Path) -> None:
         {"test": "not_null", "column": "x"}, {"test": "not_null", "column": "x", "severity": "error"}]}]}))
     with pytest.raises(ConfigError, match="two tests are named 'not_null_x'; give one a 'name'"):
         load_file(path)
+
+
+def test_tests_rerun_when_rows_or_what_they_point_to_change(
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs) -> None:
+    """A round that changes none of a model's rows leaves its results as they are (testing costs
+    a scan); its rows changing, or the model its relationships point to, runs them again."""
+    base(models, docs, {"r": [{"test": "relationships", "column": "ref", "to": "p", "field": "uuid"},
+                              {"test": "accepted_values", "column": "kind", "values": ["a", "b"]}]})
+    with psycopg.connect(pg.info.dsn, autocommit=True) as conn:
+        conn.execute("SET search_path = v1")
+        engine.apply(cfg, conn)
+        engine.refresh_once(cfg, conn)
+
+        def runs() -> dict[str, tuple[Any, str]]:
+            return {n: (at, status) for n, at, status in conn.execute(
+                "SELECT name, run_at, status FROM chtsync_model_tests WHERE model = 'r'")}
+
+        first = runs()
+        assert {n: s for n, (_, s) in first.items()} == {"relationships_ref": "pass",
+                                                           "accepted_values_kind": "pass"}
+        docs.put({"_id": "unrelated", "type": "other"})  # r and p re-run, no row changes
+        assert {x.name: x.status for x in engine.refresh_once(cfg, conn)}["r"] == "ok"
+        assert runs() == first
+        docs.delete("p1")  # p loses the row r points to: r's rows are the same, its test is not
+        engine.refresh_once(cfg, conn)
+        after = runs()
+        assert after["relationships_ref"][1] == "warn" and after["relationships_ref"][0] > first["relationships_ref"][0]
+        docs.put(r("r3", "c"))  # r's own rows change: its tests run
+        engine.refresh_once(cfg, conn)
+        assert runs()["accepted_values_kind"][1] == "warn"

@@ -205,6 +205,8 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
     # passes; a test never run yet runs at the end of this round.
     held, untested = datatests.pending(conn, pipeline)
     results: list[RefreshResult] = []
+    touched_models: set[str] = set()  # whose rows this round changed
+    tested: set[str] = set()
     aggregates = aggregates_by_upstream(pipeline)
     # The models' SQL is planned with the raw table's statistics: bring them up to date first.
     analyze_due(cfg, conn, [cfg.table])
@@ -267,7 +269,7 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
                     failed[model.name] = "is still being built"
                     results.append(RefreshResult(model.name, model.kind, "building"))
                     continue
-                rows, changed_docs = built.rows, None
+                rows, changed_docs, touched = built.rows, None, True
                 with conn.transaction():
                     if built.batched:  # what was written since the build began, derived again
                         rows = of(model.kind).rederive(conn, cfg, model, built.snapshot, rows,
@@ -304,17 +306,30 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
         log.info("model refreshed name=%s kind=%s rows=%s changed=%s ms=%.0f",
                  model.name, model.kind, rows, changed_docs, ms)
         results.append(RefreshResult(model.name, model.kind, "ok", rows, changed_docs, ms))
-        if model.spec.tests and changed_docs != 0:  # its data changed: test it again
+        if touched:
+            touched_models.add(model.name)
+        # Its rows changed, or a model its relationships point to did, or time moved a freshness
+        # test: test it again. A run that changed no row cannot change another result, and
+        # testing costs a scan of the model.
+        fresh = changed_docs != 0 and any(t.kind == "freshness" for t in model.spec.tests)
+        if model.spec.tests and (touched or fresh or _points_to(model, touched_models)):
             untested.discard(model.name)
+            tested.add(model.name)
             failed.pop(model.name, None)
             fails = [t.name for t in datatests.run(conn, pipeline, [model.name]) if t.status == "fail"]
             if fails:
                 failed[model.name] = f"failed data test {fails[0]}"
     analyze_due(cfg, conn, [m.name for m in pipeline.models.values() if of(m.kind).has_rows])
-    applied = [n for n in untested if n in states and states[n].hash == pipeline.models[n].hash]
+    # Never-run tests, and those whose relationships point to a model refreshed after them.
+    late = {m.name for m in pipeline.models.values() if m.name not in tested and _points_to(m, touched_models)}
+    applied = [n for n in sorted(untested | late) if n in states and states[n].hash == pipeline.models[n].hash]
     if applied and not should_stop():
         datatests.run(conn, pipeline, applied)
     return results
+
+
+def _points_to(model: Model, models: set[str]) -> bool:
+    return any(t.kind == "relationships" and t.to in models for t in model.spec.tests)
 
 
 def analyze(conn: psycopg.Connection, relation: str) -> None:
