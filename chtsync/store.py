@@ -226,15 +226,7 @@ class Store:
         # What Postgres refuses (or cannot take at all: a NUL) is split down to the documents.
         rows = _parse_rows(body)
         totals = PageResult(None, None, len(rows), 0)
-        storable = []
-        for item in rows:
-            why = _unstorable_id(item)
-            if why is None:
-                storable.append(item)
-                continue
-            await self._refuse(conn, source, item, why)
-            totals.refused += 1
-        await self._store_parts(conn, source, storable, totals)
+        await self._store_split(conn, source, rows, totals)
         last = rows[-1].get("id") if rows and isinstance(rows[-1], dict) else None
         return RangePage(len(rows), totals.written, totals.refused, last if isinstance(last, str) else None)
 
@@ -260,15 +252,7 @@ class Store:
         results, last_seq = page["results"], page["last_seq"]
         totals = PageResult(None, None, len(results), 0)
         async with conn.transaction():
-            storable = []
-            for change in results:
-                why = _unstorable_id(change)
-                if why is None:
-                    storable.append(change)
-                    continue
-                await self._refuse(conn, source, change, why)
-                totals.refused += 1
-            await self._store_parts(conn, source, storable, totals)
+            await self._store_split(conn, source, results, totals)
             # The checkpoint moves with the accepted rows and the error records, together.
             cur = await conn.execute(self.q_ingest, (
                 self.table, source,
@@ -279,6 +263,21 @@ class Store:
         assert row is not None
         totals.last_seq, totals.pending = row[0], row[1]
         return totals
+
+    async def _store_split(
+        self, conn: psycopg.AsyncConnection, source: str, items: list[Any], totals: PageResult,
+    ) -> None:
+        """Changes (or _all_docs rows) whose id Postgres cannot key are refused at once; the
+        rest is stored by _store_parts."""
+        storable = []
+        for item in items:
+            why = _unstorable_id(item)
+            if why is None:
+                storable.append(item)
+                continue
+            await self._refuse(conn, source, item, why)
+            totals.refused += 1
+        await self._store_parts(conn, source, storable, totals)
 
     async def _store_parts(
         self, conn: psycopg.AsyncConnection, source: str, results: list[Any],

@@ -309,19 +309,26 @@ def test_postgres_session_and_couchdb_killed_mid_first_sync(
     assert pg.execute("SELECT count(*) FROM chtsync_errors").fetchone() == (0,)
 
 
+def start_sync_of_4000(
+    couch: CouchAdmin, couch_server, dbname: str, seed: int,
+) -> tuple[dict[str, str], subprocess.Popen]:
+    """4000 documents of ~300 bytes into a new medic, then `chtsync sync` (4 readers, pages of 5)."""
+    couch.create_db("medic")
+    ids = uuids(seed, 4000)
+    for chunk in range(0, 4000, 1000):
+        couch.bulk("medic", [{"_id": i, "type": "person", "pad": "z" * 300} for i in ids[chunk:chunk + 1000]])
+    env = subprocess_env(couch_server, dbname, FIRST_SYNC_READERS="4", BATCH_SIZE="5")
+    subprocess.run([sys.executable, "-m", "chtsync", "migrate"], env=env, check=True, capture_output=True)
+    return env, subprocess.Popen([sys.executable, "-m", "chtsync", "sync"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def test_sigterm_mid_first_sync_exits_promptly_and_resumes(
     couch: CouchAdmin, couch_server, pg: psycopg.Connection, dbname: str,
 ) -> None:
     """SIGTERM to `chtsync sync` while 4 readers stream ranges: it exits 0 within seconds (no
     reader thread holds it), and the next run resumes and ends equal."""
-    couch.create_db("medic")
-    ids = uuids(71, 4000)
-    for chunk in range(0, 4000, 1000):
-        couch.bulk("medic", [{"_id": i, "type": "person", "pad": "z" * 300} for i in ids[chunk:chunk + 1000]])
-    env = subprocess_env(couch_server, dbname, FIRST_SYNC_READERS="4", BATCH_SIZE="5")
-    subprocess.run([sys.executable, "-m", "chtsync", "migrate"], env=env, check=True, capture_output=True)
-    proc = subprocess.Popen([sys.executable, "-m", "chtsync", "sync"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env, proc = start_sync_of_4000(couch, couch_server, dbname, seed=71)
     try:
         wait_until(lambda: (first_sync_state(pg)[1] or "") >= "20", timeout=120, what="20 ranges written")
         proc.send_signal(signal.SIGTERM)
@@ -386,14 +393,7 @@ def test_sigterm_while_couchdb_hangs_mid_range(
     `chtsync sync` at once with exit 0; the readers' threads, stuck in recv, do not hold it."""
     if not hasattr(couch_server, "kill"):
         pytest.skip("CouchDB is external: it cannot be frozen here")
-    couch.create_db("medic")
-    ids = uuids(91, 4000)
-    for chunk in range(0, 4000, 1000):
-        couch.bulk("medic", [{"_id": i, "type": "person", "pad": "v" * 300} for i in ids[chunk:chunk + 1000]])
-    env = subprocess_env(couch_server, dbname, FIRST_SYNC_READERS="4", BATCH_SIZE="5")
-    subprocess.run([sys.executable, "-m", "chtsync", "migrate"], env=env, check=True, capture_output=True)
-    proc = subprocess.Popen([sys.executable, "-m", "chtsync", "sync"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env, proc = start_sync_of_4000(couch, couch_server, dbname, seed=91)
     frozen = False
     try:
         wait_until(lambda: (first_sync_state(pg)[1] or "") >= "10", timeout=120, what="10 ranges written")
