@@ -304,7 +304,8 @@ def test_postgres_session_and_couchdb_killed_mid_first_sync(
         time.sleep(1.0)
         couch_server.start()
         equal_soon(pg, couch, timeout=150)
-        assert sync.stats()[0].state == "following"
+        # The tail from S is read after the ranges: "following" once it is caught up.
+        wait_until(lambda: sync.stats()[0].state == "following", timeout=60, what="the follower caught up")
     wait_until(lambda: reader_threads() == 0, timeout=70, what="reader threads to end")
     assert pg.execute("SELECT count(*) FROM chtsync_errors").fetchone() == (0,)
 
