@@ -173,6 +173,9 @@ def test_upgrade_from_the_previous_release(
         new = [start(env, "current-a"), start(env, "current-b")]  # two replicas, one lock
         wait_until(lambda: data_records() == 107 and built_and_following(), timeout=180,
                    what="the new release caught up and refreshed")
+        # The reader's last answer must be one asked after that, not one in flight before it.
+        caught_up = time.monotonic()
+        wait_until(lambda: answers[-1][0] > caught_up + 0.1, timeout=30, what="a dashboard answer after that")
         done.set()
         thread.join(10)
 
