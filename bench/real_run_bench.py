@@ -11,7 +11,10 @@ first build of every model from scratch at this size (each model's snapshot clea
 Usage: python bench/real_run_bench.py --docs 200000 [--latency-seconds 30] [--idle 30] [--no-write]
        [--couchdb-url http://admin:pass@127.0.0.1:5984] [--run-only]  (a CouchDB loaded by an earlier
        run; --run-only: the run's measures only, to compare runs before and after a change)
-(10M: `--docs 10000000`; CouchDB needs ~2 KB of disk per document, set TMPDIR to a big disk.)
+       [--baseline-docs N] (the server's own rate over the stream's first N documents, not all)
+       [--no-feed] (leave out the feed-alone sync: at 10M it is half an hour more)
+(10M: `--docs 10000000 --baseline-docs 2000000 --no-feed`; CouchDB needs ~2 KB of disk per
+document, set TMPDIR to a big disk.)
 """
 
 from __future__ import annotations
@@ -59,11 +62,11 @@ def env(couch_url: str) -> dict[str, str]:
                 CHTSYNC_CONFIG=os.devnull, LOG_LEVEL="INFO")
 
 
-def changes_rate(url: str, database: str) -> tuple[int, float]:
-    """The server's own single-stream rate: _changes with bodies, pages of 1000, to the end. The
-    reader does no more than any reader must: it finds last_seq and pending in each page's
-    trailer (no JSON parsing of the documents)."""
-    docs, since, started = None, "0", time.monotonic()
+def changes_rate(url: str, database: str, limit: int | None = None) -> tuple[int, float]:
+    """The server's own single-stream rate: _changes with bodies, pages of 1000, to the end (or
+    the first `limit` documents). The reader does no more than any reader must: it finds last_seq
+    and pending in each page's trailer (no JSON parsing of the documents)."""
+    docs, since, started, read = None, "0", time.monotonic(), 0
     with httpx.Client(auth=AUTH, timeout=120) as client:
         while True:
             body = client.get(f"{url}/{database}/_changes",
@@ -71,10 +74,12 @@ def changes_rate(url: str, database: str) -> tuple[int, float]:
             trailer = page_trailer(body)
             assert trailer is not None and trailer[1] is not None, body[-300:]
             since, pending = trailer
+            page = min(1000, body.count(b'"seq":'))
+            read += page
             if docs is None:
-                docs = pending + min(1000, body.count(b'"seq":'))
-            if pending == 0:
-                return docs, docs / (time.monotonic() - started)
+                docs = pending + page
+            if pending == 0 or (limit and read >= limit):
+                return docs, read / (time.monotonic() - started)
 
 
 class Sampler(threading.Thread):
@@ -112,6 +117,7 @@ CAUGHT_UP = ("SELECT count(*) = 2 AND bool_and(pending = 0) FROM v1.couchdb_prog
 # so its own snapshot may be older).
 ALL_MODELS = ("SELECT count(*) > 0 AND bool_and(last_status = 'ok' AND last_rows > 0 AND build_docs IS NULL)"
               " AND NOT EXISTS (SELECT 1 FROM v1.chtsync_model_pending)"
+              " AND NOT EXISTS (SELECT 1 FROM v1.chtsync_model_deltas)"
               " AND NOT bool_or(name = 'document_metadata'"
               " AND v1.chtsync_raw_changed_v1('v1.couchdb', snapshot))"
               " FROM v1.chtsync_models WHERE kind <> 'view'")
@@ -148,7 +154,7 @@ def loaded(url: str) -> int:
 
 
 def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str | None = None,
-          run_only: bool = False) -> dict[str, object]:
+          run_only: bool = False, baseline_docs: int | None = None, feed: bool = True) -> dict[str, object]:
     global AUTH
     out: dict[str, object] = {"docs": docs, "load": os.getloadavg()[0]}
     server: CouchDBServer | ExternalCouchDB = (
@@ -162,8 +168,9 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str
                                    "--couchdb-url", url], env=env(url), cwd=ROOT,
                                   capture_output=True, text=True, check=True)
             print(load.stdout.strip() or load.stderr.strip().splitlines()[-1], flush=True)
-        out["changes_docs"], out["changes_rate"] = changes_rate(url, "medic")
-        if not run_only:  # the same sync from the feed alone (one _changes stream)
+        out["changes_docs"], out["changes_rate"] = changes_rate(url, "medic", baseline_docs)
+        out["baseline_docs"] = baseline_docs
+        if feed and not run_only:  # the same sync from the feed alone (one _changes stream)
             fresh_db()
             started = time.monotonic()
             subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], cwd=ROOT, check=True,
@@ -250,10 +257,11 @@ def report(r: dict[str, object], command: str) -> str:
         f" documents from `chtsync sample`, 2 cores; 1-minute load average when the run began:"
         f" {r['load']:.1f} (other work on the machine slows every row alike).", "",
         "| measure | value |", "|---|---:|",
-        f"| CouchDB's own `_changes?include_docs=true`, pages of 1000 (medic) | {r['changes_rate']:,.0f} docs/s |",
-        f"| the feed alone: `chtsync sync --once` of medic with `FIRST_SYNC_READERS=1` (process start and"
-        f" migrations included) | {r['feed_s']:.0f} s = {r['feed_rate']:,.0f} docs/s"
-        f" ({r['feed_rate'] / r['changes_rate']:.2f}x) |",
+        f"| CouchDB's own `_changes?include_docs=true`, pages of 1000 (medic"
+        f"{f', first {b:,} documents' if (b := r.get('baseline_docs')) else ''}) | {r['changes_rate']:,.0f} docs/s |",
+        *([f"| the feed alone: `chtsync sync --once` of medic with `FIRST_SYNC_READERS=1` (process start and"
+           f" migrations included) | {r['feed_s']:.0f} s = {r['feed_rate']:,.0f} docs/s"
+           f" ({r['feed_rate'] / r['changes_rate']:.2f}x) |"] if "feed_s" in r else []),
         f"| initial sync by `chtsync run`, medic and medic-users-meta (first sync in key ranges, rows in the raw"
         f" table) | {r['raw_rows']:,} in {r['sync_s']:.0f} s = {r['sync_rate']:,.0f} docs/s"
         f" ({r['sync_rate'] / r['changes_rate']:.2f}x) |",
@@ -281,15 +289,21 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=30)
     parser.add_argument("--couchdb-url", help="a running CouchDB with an admin in the URL (loaded by an"
                         " earlier run, or loaded now); default: a new one from ../shared/couchdb")
+    parser.add_argument("--baseline-docs", type=int, metavar="N",
+                        help="measure the server's own rate over the first N documents of the stream only")
+    parser.add_argument("--no-feed", action="store_true", help="leave out the feed-alone sync --once")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--run-only", action="store_true",
                         help="stop after the run's measures (sync, models, idle CPU, latency); implies --no-write")
     args = parser.parse_args()
-    result = bench(args.docs, args.latency_seconds, args.idle, args.couchdb_url, args.run_only)
+    result = bench(args.docs, args.latency_seconds, args.idle, args.couchdb_url, args.run_only,
+                   args.baseline_docs, not args.no_feed)
     print(result, flush=True)
     if args.run_only:
         return 0
-    text = report(result, f"python bench/real_run_bench.py --docs {args.docs}")
+    flags = "".join(f" --baseline-docs {args.baseline_docs}" if args.baseline_docs else "") + (
+        " --no-feed" if args.no_feed else "")
+    text = report(result, f"python bench/real_run_bench.py --docs {args.docs}{flags}")
     print(text)
     if not args.no_write:
         write_section(f"The real run ({args.docs:,} documents)", text)

@@ -231,3 +231,54 @@ def test_tests_rerun_when_rows_or_what_they_point_to_change(
         docs.put(r("r3", "c"))  # r's own rows change: its tests run
         engine.refresh_once(cfg, conn)
         assert runs()["accepted_values_kind"][1] == "warn"
+
+
+def test_counting_tests_read_their_failing_rows_only(
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs) -> None:
+    """not_null, accepted_values and casts keep a partial index of their failing rows, so a test
+    reads its failures, not the table; changed or removed tests lose theirs; a condition Postgres
+    cannot index (timestamptz as text depends on the session) is counted by a scan, as exactly."""
+    tests = {"r": [{"test": "not_null", "column": "kind"},
+                   {"test": "accepted_values", "column": "kind", "values": ["a", "b"]},
+                   {"test": "accepted_values", "column": "at", "values": ["2026-01-01"], "name": "at_values"}],
+             "f": [{"test": "casts"}, {"test": "casts", "column": "x", "name": "x_casts"}]}
+    base(models, docs, tests)
+    docs.put(*(r(f"ok{i}", "a") for i in range(3000)), r("bad1", "c"), r("bad2", None),
+             report("f2", "five"))
+    with psycopg.connect(pg.info.dsn, autocommit=True) as conn:
+        conn.execute("SET search_path = v1")
+        engine.apply(cfg, conn)
+        engine.refresh_once(cfg, conn)
+
+        def indexes(model: str) -> dict[str, str]:
+            return {name: pred for name, pred in conn.execute(
+                "SELECT i.relname, pg_get_expr(x.indpred, x.indrelid) FROM pg_index AS x"
+                " JOIN pg_class AS i ON i.oid = x.indexrelid WHERE x.indrelid = %s::regclass"
+                " AND x.indpred IS NOT NULL", (model,))}
+
+        def results(model: str) -> dict[str, tuple[str, int]]:
+            return {n: (s, f) for n, s, f in conn.execute(
+                "SELECT name, status, failures FROM chtsync_model_tests WHERE model = %s", (model,))}
+
+        assert results("r") == {"not_null_kind": ("warn", 1), "accepted_values_kind": ("warn", 1),
+                                "at_values": ("warn", 3004)}
+        assert results("f") == {"casts": ("warn", 1), "x_casts": ("warn", 1)}
+        preds = sorted(indexes("r").values())
+        assert len(preds) == 2 and "kind IS NULL" in preds[1] and "'{a,b}'" in preds[0], preds  # not `at`
+        assert all(n.startswith("r_t") for n in indexes("r"))
+        assert len(indexes("f")) == 2
+        # the counts read the index, a handful of rows, not the table's 3,000
+        for pred in preds:
+            plan = "\n".join(row[0] for row in conn.execute(f"EXPLAIN SELECT count(*) FROM r WHERE {pred}"))
+            assert "Index" in plan and "Seq Scan" not in plan, plan
+        before = dict(indexes("r"))
+        tests["r"] = [{"test": "accepted_values", "column": "kind", "values": ["a", "b", "c"]}]
+        base(models, docs, tests)  # one test changed its values, the other is gone
+        engine.apply(cfg, conn)
+        engine.refresh_once(cfg, conn, force=True)
+        after = indexes("r")
+        assert len(after) == 1 and not set(after) & set(before) and "'{a,b,c}'" in next(iter(after.values()))
+        assert results("r") == {"accepted_values_kind": ("pass", 0)}
+        docs.put(r("bad3", "d"))
+        engine.refresh_once(cfg, conn)
+        assert results("r") == {"accepted_values_kind": ("warn", 1)}

@@ -506,33 +506,62 @@ def test_aggregate_recounts_only_touched_groups(pg: psycopg.Connection, cfg: Con
     models.set("report", "SELECT _id AS uuid, doc ->> 'form' AS form, (doc ->> 'day')::date AS day"
                " FROM couchdb WHERE NOT _deleted", kind="incremental", unique_key=["uuid"],
                indexes=[{"columns": ["uuid"]}, {"columns": ["form", "day"]}])
+    # counts only: changes are added (groups with a NULL key recounted)
     models.set("daily", "SELECT form, day, count(*) AS n FROM report GROUP BY form, day",
                kind="aggregate", unique_key=["form", "day"], indexes=[{"columns": ["form", "day"], "unique": True}])
     models.set("slow", "SELECT form, count(*) AS n FROM report GROUP BY form", kind="aggregate",
                unique_key=["form"], interval=3600)
+    # max(): its touched groups are recounted
+    models.set("latest", "SELECT form, max(day) AS day FROM report GROUP BY form", kind="aggregate",
+               unique_key=["form"])
     docs.put(*({"_id": f"a{i}", "form": "A", "day": "2026-01-01"} for i in range(3)),
              {"_id": "b1", "form": "B", "day": "2026-01-02"}, {"_id": "x", "form": None, "day": None})
     build(cfg, pg)
     built = graph.load(cfg).models
+    assert (built["daily"].counts, built["slow"].counts, built["latest"].counts) == (("n",), ("n",), ())
     docs.put({"_id": "a0", "form": "B", "day": "2026-01-02"})  # leaves (A, 1st), joins (B, 2nd)
     docs.put({"_id": "x", "form": "C", "day": None})  # leaves (NULL, NULL), joins (C, NULL)
     docs.delete("b1")
     results = by_name(pipeline.refresh_once(cfg, pg))
-    assert results["daily"].status == "ok" and results["daily"].changed == 4
+    # (A, 1st) -1; (B, 2nd) +1 -1 cancels out; (NULL, NULL) and (C, NULL) recounted
+    assert results["daily"].status == "ok" and results["daily"].changed == 3
+    assert results["latest"].changed == 4  # A, B, C and NULL: recounted
     assert sorted(pg.execute("SELECT form, day::text, n FROM daily").fetchall(), key=str) == [
         ("A", "2026-01-01", 2), ("B", "2026-01-02", 1), ("C", None, 1)]
     assert results["slow"].status == "waiting"
-    for i in range(3):  # the upstream refreshes while `slow` waits: its groups accumulate
+    for i in range(3):  # the upstream refreshes while `slow` waits: its counts accumulate
         docs.put({"_id": f"c{i}", "form": "C", "day": "2026-01-03"})
         pipeline.refresh_once(cfg, pg)
-    assert pg.execute("SELECT count(*) FROM chtsync_model_pending WHERE model = 'slow'").fetchone()[0] > 0
+    assert pg.execute("SELECT count(*) FROM chtsync_model_deltas WHERE model = 'slow'").fetchone()[0] > 0
     assert diff_with_rebuild(pg, built["slow"]) > 0  # still waiting
     pipeline.refresh_once(cfg, pg, force=True)
-    assert diff_with_rebuild(pg, built["slow"]) == diff_with_rebuild(pg, built["daily"]) == 0
-    assert pg.execute("SELECT count(*) FROM chtsync_model_pending").fetchone() == (0,)
+    for name in ("slow", "daily", "latest"):
+        assert diff_with_rebuild(pg, built[name]) == 0, name
+    assert pg.execute("SELECT (SELECT count(*) FROM chtsync_model_pending)"
+                      " + (SELECT count(*) FROM chtsync_model_deltas)").fetchone() == (0,)
     pipeline.rebuild(cfg, pg, "report")  # a full build of the upstream recounts every group
     assert {r.name: r.changed for r in pipeline.refresh_once(cfg, pg, force=True)}["daily"] is None
     assert diff_with_rebuild(pg, built["daily"]) == 0
+
+    # The cost follows the change, not the group: one report moved out of a group of 2,000 reads
+    # a few rows of the upstream (its own old and new rows), not the group's 2,000.
+    docs.put(*({"_id": f"big{i}", "form": "BIG", "day": "2026-02-01"} for i in range(2000)))
+    pipeline.refresh_once(cfg, pg, force=True)
+    read = ("SELECT pg_stat_force_next_flush(), (SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+            " FROM pg_stat_user_tables WHERE relid = 'report'::regclass)")
+    pg.execute("SELECT pg_stat_force_next_flush()")
+    pg.execute("SELECT pg_stat_clear_snapshot()")
+    before = pg.execute(read).fetchone()[1]
+    docs.put({"_id": "big7", "form": "BIG", "day": "2026-02-02"})
+    results = by_name(pipeline.refresh_once(cfg, pg, force=True))
+    pg.execute("SELECT pg_stat_force_next_flush()")
+    pg.execute("SELECT pg_stat_clear_snapshot()")
+    assert results["daily"].changed == 2 and results["latest"].changed == 1
+    assert pg.execute("SELECT n FROM daily WHERE form = 'BIG' ORDER BY day").fetchall() == [(1999,), (1,)]
+    # `latest` recounts BIG (2,000 rows); the counts of `daily` and `slow` read none
+    assert pg.execute(read).fetchone()[1] - before < 2000 + 100
+    for name in ("slow", "daily", "latest"):
+        assert diff_with_rebuild(pg, built[name]) == 0, name
 
 
 @pytest.mark.parametrize(("sql_text", "message"), [

@@ -2,7 +2,7 @@
 ingest function, interleaved with incremental runs and with a writer whose transaction commits
 only after a run, every incremental and aggregate table equals a full recomputation of its SQL:
 incremental tables keyed by the document, one following references to other documents (a
-hierarchy), and aggregates recounting only the groups touched."""
+hierarchy), and aggregates recounting only the groups touched or adding the changes' counts."""
 
 from __future__ import annotations
 
@@ -64,9 +64,18 @@ def setup(pg: psycopg.Connection, tmp_path: Path) -> tuple:
                " FROM person GROUP BY source, upper(name)", kind="aggregate", unique_key=["source", "name"])
     models.set("by_tag", "SELECT tag, count(*) AS n, max(uuid) AS last FROM tag WHERE tag <> 'c' GROUP BY tag",
                kind="aggregate", unique_key=["tag"])
+    # Aggregates of counts only: changes added (FILTER, a group by position, NULL keys recounted)
+    models.set("count_by_name", "SELECT source, upper(name) AS name, count(*) AS n,"
+               " count(parent) FILTER (WHERE uuid > 'd2') AS late FROM person GROUP BY source, upper(name)",
+               kind="aggregate", unique_key=["source", "name"])
+    models.set("count_by_tag", "SELECT tag, count(*) FROM tag WHERE tag <> 'c' GROUP BY 1",
+               kind="aggregate", unique_key=["tag"])
     cfg = make_config(pg.info.dbname, CHTSYNC_MODELS=str(models.path))
     pipeline.apply(cfg, pg)
-    return cfg, graph.load(cfg)
+    built = graph.load(cfg)
+    counts = [built.models[m].counts for m in ("by_name", "count_by_name", "count_by_tag")]
+    assert counts == [(), ("n", "late"), ("count",)]
+    return cfg, built
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -24,7 +24,7 @@ from chtsync.pipeline import graph
 from chtsync.pipeline.graph import Model, Pipeline
 from chtsync.pipeline.kinds import STRATEGIES, of
 from chtsync.pipeline.refresh import Built, _build, analyze
-from chtsync.pipeline.session import autocommit, first_line, q, value
+from chtsync.pipeline.session import autocommit, first_line, index_name, q, value
 
 log = logging.getLogger("chtsync.pipeline")
 
@@ -62,10 +62,6 @@ class Plan:
 class _Recorded:
     kind: str
     hash: str
-
-
-def index_name(model: str, suffix: str) -> str:
-    return f"{model[:56]}_{suffix}"
 
 
 def _compute(conn: psycopg.Connection, pipeline: Pipeline) -> Plan:
@@ -344,7 +340,7 @@ def _apply(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, adopt: boo
                 conn.execute(q("drop_object", kind=sql.SQL(DROP[existing[shadow]]), relation=sql.Identifier(shadow)))
         for step in plan.steps:
             if step.action in ("drop", "create", "replace"):
-                conn.execute(q("pending_clear"), (step.name,))  # groups an aggregate had waiting
+                conn.execute(q("pending_clear"), {"model": step.name})  # groups an aggregate had waiting
             if step.action == "drop":
                 conn.execute(q("record_dropped"), (step.name,))
             elif step.action in ("create", "replace"):

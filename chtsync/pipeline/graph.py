@@ -39,6 +39,9 @@ class Model:
     external: bool  # reads a schema-qualified relation chtsync knows nothing about
     hash: str = ""
     delta_sql: str = ""  # aggregate: its SQL over the upstream's changed rows (DELTA)
+    # aggregate made of its group columns and count(...) calls only, one of them count(*): the
+    # count columns, count(*)'s first; its changes are added, not recounted (empty: recounted)
+    counts: tuple[str, ...] = ()
     # incremental: its SQL reading only a block range of the raw table (empty when that would
     # not be exact, see _block_sql), and the functions it calls (an aggregate among them: not)
     block_sql: str = ""
@@ -169,12 +172,15 @@ def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str) -
         elif dep not in deps:
             deps.append(dep)
     text = RawStream()(select)
-    delta = _delta_sql(where, select, deps, raw or external) if of(spec.kind).by_group else ""
+    by_group = of(spec.kind).by_group
+    counts = _counts(select, spec.unique_key) if by_group else ()
+    delta = _delta_sql(where, select, deps, raw or external) if by_group else ""
     # A unique index could refuse a row read twice in the ranges (an update moved it) before the
     # catch-up replaces it: such a model is built by ids, which deletes before it inserts.
     by_range = of(spec.kind).by_document and not any(ix.unique for ix in spec.indexes)
     block, calls = _block_sql(select, table) if by_range else ("", ())
-    return Model(spec, text, tuple(deps), raw, external, delta_sql=delta, block_sql=block, block_calls=calls)
+    return Model(spec, text, tuple(deps), raw, external, delta_sql=delta, counts=counts, block_sql=block,
+                 block_calls=calls)
 
 
 def _calls(node: object) -> Iterator[ast.FuncCall]:
@@ -223,6 +229,54 @@ def _block_sql(select: ast.SelectStmt, table: str) -> tuple[str, tuple[str, ...]
         setattr(parent, attr, subselect)
     text = RawStream()(select)
     return text, tuple(sorted({c.funcname[-1].sval for c in calls}))
+
+
+def _counts(select: ast.SelectStmt, unique_key: tuple[str, ...]) -> tuple[str, ...]:
+    """The count columns of an aggregate that can be kept by adding changes, count(*)'s first;
+    () when it must be recounted.
+
+    Addable when every output is either a `count(*)` / `count(expr)` (FILTER allowed; no
+    DISTINCT, ORDER BY or OVER) or one of the GROUP BY expressions (written again, or by
+    position) named in unique_key, each GROUP BY item is one of those (no grouping sets), and a
+    count(*) without FILTER is among the counts (a group whose count(*) reaches 0 is gone): then
+    each input row adds 1 or 0 to each count of exactly one group."""
+    if select.distinctClause or select.windowClause or not select.groupClause:
+        return ()
+    counts: list[str] = []
+    keys: dict[int, str] = {}  # target position -> key column
+    star = ""
+    for i, target in enumerate(select.targetList):
+        val = target.val
+        if isinstance(val, ast.FuncCall) and _is_count(val):
+            counts.append(target.name or "count")
+            if val.agg_star and val.agg_filter is None and not star:
+                star = counts[-1]
+        elif isinstance(val, ast.ColumnRef) and isinstance(val.fields[-1], ast.String):
+            keys[i] = target.name or val.fields[-1].sval
+        elif target.name:
+            keys[i] = target.name
+        else:
+            return ()
+    grouped: set[int] = set()
+    for item in select.groupClause:
+        if isinstance(item, ast.A_Const) and isinstance(item.val, ast.Integer):
+            position = item.val.ival - 1
+        else:
+            position = next((i for i in keys if select.targetList[i].val == item), -1)
+        if position not in keys or position in grouped:
+            return ()
+        grouped.add(position)
+    names = [keys[i] for i in sorted(keys)]
+    if (grouped != set(keys) or sorted(names) != sorted(unique_key) or not star
+            or len(set(counts)) != len(counts) or set(counts) & set(names)):
+        return ()
+    return (star, *(c for c in counts if c != star))
+
+
+def _is_count(call: ast.FuncCall) -> bool:
+    names = [n.sval for n in call.funcname]
+    return (names in (["count"], ["pg_catalog", "count"]) and not call.agg_distinct and not call.agg_order
+            and call.over is None and not call.agg_within_group and (call.agg_star or len(call.args or ()) == 1))
 
 
 def _delta_sql(where: str, select: ast.SelectStmt, deps: list[str], other: bool) -> str:

@@ -182,8 +182,8 @@ class Aggregate(Strategy):
 
     def refresh(self, conn: psycopg.Connection, cfg: Config, model: Model, state: _State,
                 aggregates: list[Model]) -> Refreshed:
-        """Recount the groups the upstream's refreshes recorded as touched (all of them after a
-        full build of the upstream)."""
+        """Add the counts the upstream's refreshes recorded (a model of counts only), and recount
+        the groups they recorded as touched (all of them after a full build of the upstream)."""
         name = sql.Identifier(model.name)
         everything = state.snapshot is None
         values: dict[str, set[str | None]] = {c: set() for c in model.spec.unique_key}
@@ -195,13 +195,16 @@ class Aggregate(Strategy):
                 groups += 1
         groups //= max(len(values), 1)
         if everything or any(len(v) > MAX_GROUP_VALUES for v in values.values()):
+            conn.execute(q("pending_clear"), {"model": model.name})  # counts recorded: in the build
             conn.execute(q("delete_all", model=name))  # not TRUNCATE: readers keep reading meanwhile
             return Refreshed(conn.execute(q("full_insert", model=name, body=sql.SQL(model.sql))).rowcount, None)
-        if groups == 0:
-            return Refreshed(state.rows if state.rows is not None else value(conn, "count_rows", model=name), 0,
-                             touched=False)
-        conn.execute(q("local_jit_off"))
         types = dict(conn.execute(q("column_types"), (model.name,)).fetchall())
+        rows = state.rows if state.rows is not None else value(conn, "count_rows", model=name)
+        deltas, inserted, deleted = self.add_counts(conn, model, types) if model.counts else (0, 0, 0)
+        rows += inserted - deleted
+        if groups == 0:
+            return Refreshed(rows, deltas, touched=deltas > 0)
+        conn.execute(q("local_jit_off"))
         condition = sql.SQL(" AND ").join(
             q("group_filter", column=sql.Identifier(c), type=sql.SQL(types[c])) for c in values)
         params: list[object] = []
@@ -211,10 +214,35 @@ class Aggregate(Strategy):
                                prepare=False).rowcount
         inserted = conn.execute(q("aggregate_insert", model=name, body=sql.SQL(model.sql), condition=condition),
                                 params, prepare=False).rowcount
-        touched = bool(deleted or inserted)
-        if state.rows is None:
-            return Refreshed(value(conn, "count_rows", model=name), groups, touched)
-        return Refreshed(state.rows - deleted + inserted, groups, touched)
+        return Refreshed(rows - deleted + inserted, deltas + groups, touched=bool(deltas or deleted or inserted))
+
+    @staticmethod
+    def add_counts(conn: psycopg.Connection, model: Model, types: dict[str, str]) -> tuple[int, int, int]:
+        """Add the recorded counts to their groups: (groups changed, groups new, groups gone).
+        Statements of a few rows each, whatever the size of the groups and of the table."""
+        keys, star = model.spec.unique_key, model.counts[0]
+        total = sql.SQL("sum((counts ->> {})::bigint)")
+        conn.execute(q(
+            "group_deltas_take",
+            keys=sql.SQL(", ").join(sql.SQL("(key ->> {})::{} AS {}").format(
+                sql.Literal(k), sql.SQL(types[k]), sql.Identifier(k)) for k in keys),
+            sums=sql.SQL(", ").join(sql.SQL("{}::bigint AS {}").format(
+                total.format(sql.Literal(c)), sql.Identifier(c)) for c in model.counts),
+            nonzero=sql.SQL(" OR ").join(sql.SQL("{} <> 0").format(total.format(sql.Literal(c)))
+                                         for c in model.counts),
+        ), {"model": model.name}, prepare=False)
+        changed = value(conn, "count_rows", model=sql.Identifier("chtsync_group_delta"))
+        if changed:
+            conn.execute(q("group_deltas_analyze"))
+            match = sql.SQL(" AND ").join(sql.SQL("m.{0} = d.{0}").format(sql.Identifier(k)) for k in keys)
+            parts = {"model": sql.Identifier(model.name), "match": match, "star": sql.Identifier(star)}
+            conn.execute(q("group_deltas_update", sets=sql.SQL(", ").join(
+                sql.SQL("{0} = m.{0} + d.{0}").format(sql.Identifier(c)) for c in model.counts), **parts))
+            columns = sql.SQL(", ").join(sql.Identifier(c) for c in (*keys, *model.counts))
+            inserted = conn.execute(q("group_deltas_insert", columns=columns, **parts)).rowcount
+            deleted = conn.execute(q("group_deltas_delete", **parts)).rowcount
+        conn.execute(q("group_deltas_drop"))
+        return (changed, inserted, deleted) if changed else (0, 0, 0)
 
 
 STRATEGIES: dict[str, Strategy] = {s.kind.value: s() for s in (View, MaterializedView, Table, Incremental, Aggregate)}
@@ -237,16 +265,28 @@ def aggregates_by_upstream(pipeline: Pipeline) -> dict[str, list[Model]]:
 
 def record_groups(conn: psycopg.Connection, aggregates: list[Model], upstream: Model, *,
                   after: bool) -> None:
-    """Record, for each aggregate reading this incremental model, the groups its changed rows
-    fall in: called before the delete (old rows) and after the insert (new rows)."""
+    """Record, for each aggregate reading this incremental model, what its changed rows do to it:
+    called before the delete (old rows) and after the insert (new rows). An aggregate of counts
+    gets their counts, signed; any other (and a group with a NULL key) the groups to recount."""
     if not aggregates:
         return
     name, key = sql.Identifier(upstream.name), sql.Identifier(upstream.spec.unique_key[0])
+    if after:
+        conn.execute(q("delta_clear"))
     conn.execute(q("delta_add" if after else "delta_table", model=name, key=key))
     for agg in aggregates:
         pairs = sql.SQL(", ").join(sql.SQL("{}, g.{}").format(sql.Literal(c), sql.Identifier(c))
                                    for c in agg.spec.unique_key)
-        conn.execute(q("pending_groups_record", pairs=pairs, body=sql.SQL(agg.delta_sql)),
-                     {"model": agg.name})
+        body = sql.SQL(agg.delta_sql)
+        recount: sql.Composable = sql.SQL("true")
+        if agg.counts:
+            keyed = sql.SQL(" AND ").join(sql.SQL("g.{} IS NOT NULL").format(sql.Identifier(c))
+                                          for c in agg.spec.unique_key)
+            counts = sql.SQL(", ").join(sql.SQL("{}, g.{} * {}").format(
+                sql.Literal(c), sql.Identifier(c), sql.Literal(1 if after else -1)) for c in agg.counts)
+            conn.execute(q("group_deltas_record", pairs=pairs, counts=counts, body=body, where=keyed),
+                         {"model": agg.name})
+            recount = sql.SQL("NOT ({})").format(keyed)
+        conn.execute(q("pending_groups_record", pairs=pairs, body=body, where=recount), {"model": agg.name})
     if after:
         conn.execute(q("delta_drop"))

@@ -84,7 +84,7 @@ def rebuild(cfg: Config, conn: psycopg.Connection, name: str,
 
 def _record(conn: psycopg.Connection, pipeline: Pipeline, model: Model, rows: int | None, snapshot: str,
             started: float) -> None:
-    conn.execute(q("pending_clear"), (model.name,))  # an aggregate: every group is counted now
+    conn.execute(q("pending_clear"), {"model": model.name})  # an aggregate: every group is counted now
     conn.execute(q("build_done"), (model.name,))
     for m in aggregates_by_upstream(pipeline).get(model.name, []):
         conn.execute(q("pending_all"), (m.name,))

@@ -7,11 +7,42 @@
 SELECT count(*) FROM (SELECT {column} FROM {model} WHERE {column} IS NOT NULL GROUP BY 1
                       HAVING count(*) > 1) AS duplicated
 
--- name: test_not_null
-SELECT count(*) FROM {model} WHERE {column} IS NULL
+-- name: failing_not_null
+-- The tests that count rows failing a condition: each condition is also the predicate of a
+-- partial index of the failing rows (failing_index), which the count then reads instead of the
+-- table. Values are literals: Postgres matches a predicate against constants only.
+{column} IS NULL
 
--- name: test_accepted_values
-SELECT count(*) FROM {model} WHERE {column} IS NOT NULL AND {column}::text <> ALL (%(values)s::text[])
+-- name: failing_accepted_values
+{column} IS NOT NULL AND {column}::text <> ALL ({values}::text[])
+
+-- name: failing_casts
+_cast_failures IS NOT NULL
+
+-- name: failing_casts_column
+{field} = ANY (_cast_failures)
+
+-- name: test_failing
+SELECT count(*) FROM {model} WHERE {failing}
+
+-- name: test_failing_casts
+-- Values that did not cast to their field's type (all fields).
+SELECT COALESCE(sum(cardinality(_cast_failures)), 0)::bigint FROM {model} WHERE {failing}
+
+-- name: failing_indexes
+-- The failing-row indexes a model has (its indexes named with the prefix), when it can have any.
+SELECT i.relname::text
+FROM pg_index AS x JOIN pg_class AS i ON i.oid = x.indexrelid
+WHERE x.indrelid = to_regclass(%(model)s) AND starts_with(i.relname::text, %(prefix)s)
+
+-- name: indexable
+SELECT relkind IN ('r', 'm') FROM pg_class WHERE oid = to_regclass(%s)
+
+-- name: failing_index
+CREATE INDEX IF NOT EXISTS {index} ON {model} ({column}) WHERE {failing}
+
+-- name: drop_failing_index
+DROP INDEX IF EXISTS {index}
 
 -- name: test_relationships
 -- Rows whose value is not a key of the other model.
@@ -25,13 +56,6 @@ SELECT count(*) FROM {model}
 -- name: test_freshness
 -- Seconds since the newest value of the column (NULL when the model has none).
 SELECT extract(epoch FROM now() - max({column})::timestamptz)::float8 FROM {model}
-
--- name: test_casts
--- Values that did not cast to their field's type (all fields, or the one named).
-SELECT COALESCE(sum(cardinality(_cast_failures)), 0)::bigint FROM {model} WHERE _cast_failures IS NOT NULL
-
--- name: test_casts_column
-SELECT count(*) FROM {model} WHERE %(column)s = ANY (_cast_failures)
 
 -- name: record_test
 INSERT INTO chtsync_model_tests AS t (unique_id, model, name, test, column_name, severity, status,

@@ -230,10 +230,43 @@ ANALYZE {relation}
 
 -- name: pending_groups_record
 -- The groups of aggregate model %(model)s that the given rows of its upstream belong to: its
--- SQL run over those rows alone (the upstream renamed to chtsync_delta).
+-- SQL run over those rows alone (the upstream renamed to chtsync_delta); {where} keeps the
+-- groups to recount (all, or those with a NULL key when the counts are added).
 INSERT INTO chtsync_model_pending (model, key)
-SELECT DISTINCT %(model)s, jsonb_build_object({pairs}) FROM ({body}) AS g
+SELECT DISTINCT %(model)s, jsonb_build_object({pairs}) FROM ({body}) AS g WHERE {where}
 ON CONFLICT DO NOTHING
+
+-- name: group_deltas_record
+-- The same SQL's counts over those rows, signed (-1: rows before the delete, 1: after the
+-- insert), for the groups whose counts are added ({where}: no NULL key).
+INSERT INTO chtsync_model_deltas (model, key, counts)
+SELECT %(model)s, jsonb_build_object({pairs}), jsonb_build_object({counts}) FROM ({body}) AS g WHERE {where}
+
+-- name: group_deltas_take
+-- Take the aggregate's recorded counts, summed per group and typed as its columns; groups whose
+-- changes cancel out are left out.
+CREATE TEMP TABLE chtsync_group_delta ON COMMIT DROP AS
+WITH taken AS (DELETE FROM chtsync_model_deltas WHERE model = %(model)s RETURNING key, counts)
+SELECT {keys}, {sums} FROM taken GROUP BY key HAVING {nonzero}
+
+-- name: group_deltas_analyze
+ANALYZE chtsync_group_delta
+
+-- name: group_deltas_update
+UPDATE {model} AS m SET {sets} FROM chtsync_group_delta AS d WHERE {match}
+
+-- name: group_deltas_insert
+-- Groups the table does not have yet ({star}: the count(*) column).
+INSERT INTO {model} ({columns})
+SELECT {columns} FROM chtsync_group_delta AS d
+WHERE d.{star} > 0 AND NOT EXISTS (SELECT FROM {model} AS m WHERE {match})
+
+-- name: group_deltas_delete
+-- Groups left without rows.
+DELETE FROM {model} AS m USING chtsync_group_delta AS d WHERE {match} AND m.{star} <= 0
+
+-- name: group_deltas_drop
+DROP TABLE chtsync_group_delta
 
 -- name: pending_all
 -- The upstream was rebuilt from scratch: every group of the aggregate is to be recounted.
@@ -248,7 +281,9 @@ FROM taken AS t
 LEFT JOIN LATERAL jsonb_each_text(CASE WHEN jsonb_typeof(t.key) = 'object' THEN t.key END) AS e ON true
 
 -- name: pending_clear
-DELETE FROM chtsync_model_pending WHERE model = %s
+-- Groups and counts an aggregate had waiting (it is being counted in full).
+WITH counts AS (DELETE FROM chtsync_model_deltas WHERE model = %(model)s)
+DELETE FROM chtsync_model_pending WHERE model = %(model)s
 
 -- name: delta_table
 -- The upstream's rows of the changed documents, before the delete and after the insert.
@@ -256,7 +291,11 @@ CREATE TEMP TABLE chtsync_delta ON COMMIT DROP AS
 SELECT * FROM {model} WHERE {key}::text IN (SELECT id FROM chtsync_changed_ids)
 
 -- name: delta_add
+-- (after delta_clear: the rows after the insert alone)
 INSERT INTO chtsync_delta SELECT * FROM {model} WHERE {key}::text IN (SELECT id FROM chtsync_changed_ids)
+
+-- name: delta_clear
+DELETE FROM chtsync_delta
 
 -- name: delta_drop
 DROP TABLE chtsync_delta
