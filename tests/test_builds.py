@@ -80,12 +80,19 @@ def test_model_sql_for_block_ranges(cfg: Config, models: ModelsFile) -> None:
     assert graph.load(cfg, models.write().path).models["person"].block_sql == ""  # a row read twice would fail
 
 
+def indexes(pg: psycopg.Connection, table: str) -> set[str]:
+    return {r[0] for r in pg.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (table,))}
+
+
 def test_first_build_by_block_ranges_under_concurrent_writes(
-        pg: psycopg.Connection, cfg: Config, docs: Docs, small: None) -> None:
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs, small: None) -> None:
+    models.models["person"]["indexes"] = [{"columns": ["name"]}, {"expression": "upper(name)"}]
+    models.write()
     docs.put(*(person(i, parent=i - 1 if i % 3 else None) for i in range(40)))
     docs.put(person(5, "Cy"), source="host/other")  # the same id in another source
     pg.execute("ANALYZE couchdb")
     pipeline.apply(cfg, pg)
+    assert indexes(pg, "person") == {"person_ix0", "person_ix1", "person_key"}
     blocks = pg.execute("SELECT pg_relation_size('couchdb') / 8192").fetchone()[0]
     assert blocks >= 8
     steps: list[int | None] = []
@@ -105,10 +112,12 @@ def test_first_build_by_block_ranges_under_concurrent_writes(
         assert steps[:4] == [None, 0, 1, 2]  # one transaction per block, progress recorded by each
         progress = next(m for m in state.gather(cfg, pg, counts=False)["models"] if m["name"] == "person")["build"]
         assert 0 < progress["docs"] < progress["total"] == 41
+        assert indexes(pg, "person") == {"person_key"}  # the others are built once the rows are in
         # Resumed where it stopped; the writes since the build began are derived again at its end.
         results = by_name(pipeline.refresh_once(cfg, pg))
         assert {r.status for r in results.values()} == {"ok"}
         assert records(pg)["person"]["build_block"] is None
+        assert indexes(pg, "person") == {"person_ix0", "person_ix1", "person_key"}
         assert_exact(pg, cfg)
         late.commit()
     pipeline.refresh_once(cfg, pg)
@@ -119,6 +128,7 @@ def test_first_build_by_block_ranges_under_concurrent_writes(
     for m in ("person", "with_parent"):
         pipeline.rebuild(cfg, pg, m)
         assert pg.execute(f"SELECT * FROM {m} ORDER BY 1, 2").fetchall() == batched[m]
+    assert indexes(pg, "person") == {"person_ix0", "person_ix1", "person_key"}
 
 
 def test_build_starts_over_when_the_raw_table_is_rewritten(

@@ -20,11 +20,11 @@ from psycopg import sql
 from chtsync import db
 from chtsync.config import Config
 from chtsync.errors import ModelBuildError, PlanConflict
-from chtsync.pipeline import graph
+from chtsync.pipeline import graph, indexes
 from chtsync.pipeline.graph import Model, Pipeline
 from chtsync.pipeline.kinds import STRATEGIES, of
 from chtsync.pipeline.refresh import Built, _build, analyze
-from chtsync.pipeline.session import autocommit, first_line, index_name, q, value
+from chtsync.pipeline.session import autocommit, first_line, q, value
 
 log = logging.getLogger("chtsync.pipeline")
 
@@ -201,26 +201,6 @@ def shadow_name(model: str) -> str:
     return f"{model[:47]}__chtsync_new"
 
 
-def _indexes(model: Model) -> list[tuple[str, sql.Composable]]:
-    """The model's indexes: (name suffix, what follows ON <relation>)."""
-    out = []
-    for i, ix in enumerate(model.spec.indexes):
-        out.append((f"ix{i}", q(
-            "model_index_body", method=sql.SQL(ix.method),
-            columns=sql.SQL(f"({ix.expression})") if ix.expression  # normalized by pglast
-            else sql.SQL(", ").join(map(sql.Identifier, ix.columns)))))
-    key = model.spec.unique_key[:1]
-    if of(model.kind).by_document and not any(
-            ix.columns[:1] == key and ix.method in ("btree", "hash") for ix in model.spec.indexes):
-        # Each run deletes by the key: without an index that is a scan of the whole table.
-        out.append(("key", q("model_index_body", method=sql.SQL("btree"), columns=sql.Identifier(key[0]))))
-    return out
-
-
-def index_suffixes(model: Model) -> list[str]:
-    return [suffix for suffix, _ in _indexes(model)]
-
-
 def create_model(conn: psycopg.Connection, model: Model, empty: bool = False,
                  relation: str | None = None) -> int | None:
     """Create the model's object and indexes (as `relation`: a rebuild's shadow); return its row
@@ -232,10 +212,7 @@ def create_model(conn: psycopg.Connection, model: Model, empty: bool = False,
     cur = conn.execute(q("create_object", kind=sql.SQL(strategy.ddl), relation=name,
                          body=sql.SQL(model.sql), suffix=sql.SQL(strategy.create_suffix(empty))))
     rows = cur.rowcount if strategy.has_rows else None
-    unique = {f"ix{i}" for i, ix in enumerate(model.spec.indexes) if ix.unique}
-    for suffix, body in _indexes(model):
-        conn.execute(q("create_model_index", unique=sql.SQL("UNIQUE " if suffix in unique else ""),
-                       index=sql.Identifier(index_name(relation, suffix)), relation=name, body=body))
+    indexes.create(conn, model, relation)
     return rows
 
 
@@ -312,9 +289,9 @@ def rename_shadow(conn: psycopg.Connection, model: Model) -> None:
     shadow, name = shadow_name(model.name), sql.Identifier(model.name)
     conn.execute(q("rename_relation", kind=sql.SQL(DROP[of(model.kind).relkind]),
                    relation=sql.Identifier(shadow), new=name))
-    for suffix in index_suffixes(model):
-        conn.execute(q("rename_index", index=sql.Identifier(index_name(shadow, suffix)),
-                       new=sql.Identifier(index_name(model.name, suffix))))
+    for ix in indexes.model_indexes(model):
+        conn.execute(q("rename_index", index=sql.Identifier(indexes.index_name(shadow, ix.suffix)),
+                       new=sql.Identifier(indexes.index_name(model.name, ix.suffix))))
 
 
 def _apply(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, adopt: bool,

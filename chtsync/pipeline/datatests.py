@@ -22,7 +22,7 @@ from psycopg import sql
 
 from chtsync import queries
 from chtsync.config import IDENT, ConfigError
-from chtsync.pipeline.session import index_name
+from chtsync.pipeline.indexes import index_name
 
 if TYPE_CHECKING:
     from chtsync.pipeline.graph import Model, Pipeline

@@ -21,7 +21,7 @@ from psycopg import sql
 from chtsync import db
 from chtsync.config import Config
 from chtsync.errors import ModelsFileError, PostgresUnavailable
-from chtsync.pipeline import datatests, graph
+from chtsync.pipeline import datatests, graph, indexes
 from chtsync.pipeline.graph import Model, Pipeline
 from chtsync.pipeline.kinds import aggregates_by_upstream, of, since
 from chtsync.pipeline.session import autocommit, first_line, q, value
@@ -138,12 +138,14 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
                      " another build was under way)", model.name, into)
         with conn.transaction():
             conn.execute(q("truncate", model=target))
+            indexes.defer(conn, model, into)  # built once the rows are in
             for agg in aggregates:
                 conn.execute(q("pending_all"), (agg.name,))
             total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=table)
             if total <= ONE_STATEMENT_BUILD:
                 conn.execute(q("local_jit_off"))
                 rows = conn.execute(q("full_insert", model=target, body=sql.SQL(model.sql)), prepare=False).rowcount
+                indexes.create(conn, model, into)
                 log.info("model built name=%s into=%s docs=%d rows=%d (one statement)", model.name, into, total, rows)
                 return Built(rows, snapshot, batched=False)
             block, blocks, docs, rows, build_snapshot = 0, now_blocks, 0, 0, snapshot
@@ -182,6 +184,10 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
         log.info("model building name=%s into=%s docs=%d/%d rows=%d rate=%.0f docs/s eta=%.0f s",
                  model.name, into, docs, total, rows, rate, eta)
     else:
+        started = time.monotonic()
+        indexes.create(conn, model, into)  # each CREATE INDEX its own transaction: readers go on
+        log.info("model indexes built name=%s into=%s rows=%d in %.1f s", model.name, into, rows,
+                 time.monotonic() - started)
         return Built(rows, build_snapshot, batched=True)
     with conn.transaction():
         conn.execute(q("build_done"), (model.name,))

@@ -12,7 +12,7 @@ from psycopg import pq, sql
 from chtsync.errors import first_line
 from chtsync.queries import q
 
-__all__ = ["autocommit", "first_line", "index_name", "q", "value"]
+__all__ = ["autocommit", "first_line", "q", "value"]
 
 
 @contextmanager
@@ -35,8 +35,3 @@ def value(conn: psycopg.Connection, name: str, params: Any = None, *, prepare: b
     row = conn.execute(q(name, **identifiers), params, prepare=prepare).fetchone()
     return None if row is None else row[0]
 
-
-def index_name(model: str, suffix: str) -> str:
-    """The name of a model's index: at most 63 bytes (a longer one Postgres would cut silently),
-    with a suffix of up to 6 characters."""
-    return f"{model[:56]}_{suffix}"

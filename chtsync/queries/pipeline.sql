@@ -397,6 +397,14 @@ COMMENT ON {kind} {relation} IS {comment}
 -- name: rename_relation
 ALTER {kind} {relation} RENAME TO {new}
 
+-- name: relation_indexes
+SELECT i.relname::text
+FROM pg_index AS x JOIN pg_class AS i ON i.oid = x.indexrelid
+WHERE x.indrelid = to_regclass(quote_ident(%s))
+
+-- name: drop_index
+DROP INDEX IF EXISTS {index}
+
 -- name: rename_index
 ALTER INDEX IF EXISTS {index} RENAME TO {new}
 
