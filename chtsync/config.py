@@ -166,6 +166,14 @@ def _int(key: str, value: Any, minimum: int = 0, maximum: int = 2**31 - 1) -> in
     return number
 
 
+def _pick(env: Mapping[str, str], name: str, section: Mapping[str, Any], path: str, default: Any) -> tuple[str, Any]:
+    """(where the value comes from, the value): environment variable `name` when set, else the
+    config.yaml key `path` (section.key) or its default; errors then name the place to fix."""
+    if env.get(name):
+        return name, env[name]
+    return path, section.get(path.rsplit(".", 1)[-1], default)
+
+
 def _float(key: str, value: Any, minimum: float = 0.0) -> float:
     _scalar(key, value)
     try:
@@ -468,18 +476,14 @@ def load(
     return Config(
         sources=tuple(sources),
         postgres=_postgres(_section(raw, "postgres"), env),
-        batch_size=_int("BATCH_SIZE", env.get("BATCH_SIZE") or sync.get("batch_size", 1000), 1, 10000),
-        page_bytes=_int("PAGE_BYTES", env.get("PAGE_BYTES") or sync.get("page_bytes", 16 * 2**20),
-                        4096, 2**31 - 1),
+        batch_size=_int(*_pick(env, "BATCH_SIZE", sync, "sync.batch_size", 1000), 1, 10000),
+        page_bytes=_int(*_pick(env, "PAGE_BYTES", sync, "sync.page_bytes", 16 * 2**20), 4096, 2**31 - 1),
         heartbeat_ms=_int("sync.heartbeat_ms", sync.get("heartbeat_ms", 10000), 1000, 60000),
-        first_sync_readers=_int("FIRST_SYNC_READERS", env.get("FIRST_SYNC_READERS")
-                                or sync.get("first_sync_readers", 4), 1, 16),
-        first_sync_min_docs=_int("FIRST_SYNC_MIN_DOCS", env.get("FIRST_SYNC_MIN_DOCS")
-                                 or sync.get("first_sync_min_docs", 50_000), 0),
+        first_sync_readers=_int(*_pick(env, "FIRST_SYNC_READERS", sync, "sync.first_sync_readers", 4), 1, 16),
+        first_sync_min_docs=_int(*_pick(env, "FIRST_SYNC_MIN_DOCS", sync, "sync.first_sync_min_docs", 50_000), 0),
         models=models,
         refresh_interval=_float("DATAEMON_INTERVAL", interval, 0.1),
-        hold_pending=_int("CHTSYNC_HOLD_PENDING" if env.get("CHTSYNC_HOLD_PENDING") else "pipeline.hold_pending",
-                          env.get("CHTSYNC_HOLD_PENDING") or pipeline.get("hold_pending", 10_000)),
+        hold_pending=_int(*_pick(env, "CHTSYNC_HOLD_PENDING", pipeline, "pipeline.hold_pending", 10_000)),
         metrics_port=None if metrics_port in (None, "") else _int("METRICS_PORT", metrics_port, 1, 65535),
         metrics_host=str(env.get("METRICS_HOST") or _scalar("metrics.host", metrics.get("host", "0.0.0.0"))),
         log_level=level,

@@ -229,8 +229,11 @@ class CouchClient:
             raise CouchNotFound(
                 f"CouchDB database {self._where(db)} does not exist: check COUCHDB_DBS"
             )
-        if status == 400:
+        if status == 400 and response.request.url.path.endswith("/_changes"):
             raise CouchBadSince(f"CouchDB at {self._where(db)} answered 400: {response.text[:200]}")
+        if status == 400:  # a request this server does not take (an _all_docs key it refuses...)
+            raise CouchError(f"CouchDB at {self._where(db)} refused the request (HTTP 400): {response.text[:200]}",
+                             status=400, transient=False)
         raise CouchError(f"CouchDB at {self._where(db)} answered HTTP {status}", status=status)
 
     def _json(self, response: httpx.Response, db: str | None) -> dict[str, Any]:
@@ -275,8 +278,10 @@ class CouchClient:
         cannot list them (CouchDB before 2.3)."""
         try:
             data = (await self._get(self._db_path(db) + "/_purged_infos", db)).json()
-        except (CouchNotFound, CouchBadSince):
-            return None
+        except CouchError as exc:
+            if exc.status in (400, 404):  # no such endpoint: taken for a document id
+                return None
+            raise
         infos = data.get("purged_infos") if isinstance(data, dict) else None
         ids = [i["id"] for i in infos or [] if isinstance(i, dict) and isinstance(i.get("id"), str)]
         return list(dict.fromkeys(ids))

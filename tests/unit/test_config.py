@@ -108,6 +108,9 @@ def test_clear_errors(env: dict[str, str], message: str) -> None:
     ("couchdb: {host: h}\npostgres: {schema: {a: 1}}\n", "postgres.schema: expected a single value"),
     ("couchdb: {host: h}\nha: {lease_seconds: .inf}\n", "ha.lease_seconds: expected a finite number"),
     ("couchdb: {host: h}\nmetrics: {host: [a]}\n", "metrics.host: expected a single value"),
+    ("couchdb: {host: h}\nsync: {first_sync_readers: 32}\n", "sync.first_sync_readers: must be between 1 and 16"),
+    ("couchdb: {host: h}\nsync: {first_sync_min_docs: many}\n", "sync.first_sync_min_docs: expected a whole number"),
+    ("couchdb: {host: h}\nsync: {batch_size: 0}\n", "sync.batch_size: must be between 1 and 10000"),
 ])
 def test_yaml_types(tmp_path: Path, yaml_text: str, message: str) -> None:
     file = tmp_path / "c.yaml"

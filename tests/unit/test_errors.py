@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
+import httpx
 import pytest
 
 from chtsync import cli, errors
 from chtsync.cli import sync as commands
+from chtsync.config import load
+from chtsync.couch import CouchClient
+from chtsync.errors import CouchBadSince, CouchError
 
 
 @pytest.mark.parametrize(("exc", "code"), [
@@ -40,3 +45,27 @@ def test_the_tree() -> None:
         assert getattr(errors, name) is getattr(__import__("chtsync.couch").couch, name)
     assert errors.first_line(ValueError("one\nDETAIL: two")) == "one"
     assert errors.first_line(ValueError()) == "ValueError"
+
+
+def test_http_400_is_a_bad_since_on_changes_only() -> None:
+    """A 400 on _changes means the stored seq is foreign to the database (recreated?); on any
+    other request it is a refused request, not a reason to start the feed over."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": "bad_request", "reason": "refused"})
+
+    source = load(env={"COUCHDB_URL": "http://couch.example:5984"}, search=False).sources[0]
+
+    async def main() -> None:
+        client = CouchClient(source, transport=httpx.MockTransport(handler))
+        try:
+            with pytest.raises(CouchBadSince):
+                await client.changes("medic", "0", 10)
+            with pytest.raises(CouchError) as info:
+                await client.all_docs_page("medic", "a", 10)
+            assert not isinstance(info.value, CouchBadSince)
+            assert info.value.status == 400 and not info.value.transient and "refused the request" in str(info.value)
+            assert await client.purged_ids("medic") is None  # no _purged_infos on this server
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
