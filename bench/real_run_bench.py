@@ -13,14 +13,17 @@ Usage: python bench/real_run_bench.py --docs 200000 [--latency-seconds 30] [--id
        run; --run-only: the run's measures only, to compare runs before and after a change)
        [--baseline-docs N] (the server's own rate over the stream's first N documents, not all)
        [--no-feed] (leave out the feed-alone sync: at 10M it is half an hour more)
-(10M: `--docs 10000000 --baseline-docs 2000000 --no-feed`; CouchDB needs ~2 KB of disk per
-document, set TMPDIR to a big disk.)
+       [--no-rebuilds] (leave out the second first build of every model: the run's own first
+       builds, from its log, are reported either way)
+(10M: `--docs 10000000 --baseline-docs 2000000 --no-feed --no-rebuilds`; CouchDB needs ~2.5 KB
+of disk per document, Postgres about as much.)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -60,6 +63,18 @@ def env(couch_url: str) -> dict[str, str]:
     return dict(os.environ, COUCHDB_URL=couch_url, COUCHDB_USER=AUTH[0], COUCHDB_PASSWORD=AUTH[1],
                 COUCHDB_DBS=DBS, POSTGRES_HOST="127.0.0.1", POSTGRES_USER="postgres", POSTGRES_DB=DB,
                 CHTSYNC_CONFIG=os.devnull, LOG_LEVEL="INFO")
+
+
+BUILT = re.compile(r"model refreshed name=(\S+) kind=\S+ rows=(\d+) changed=None ms=(\d+)")
+
+
+def run_builds(log_path: Path) -> dict[str, tuple[int, float]]:
+    """Each model's first build in the run, from its log: (rows, seconds) of its first refresh
+    from scratch (`changed=None`)."""
+    out: dict[str, tuple[int, float]] = {}
+    for m in BUILT.finditer(log_path.read_text(errors="replace")):
+        out.setdefault(m.group(1), (int(m.group(2)), int(m.group(3)) / 1000))
+    return out
 
 
 def changes_rate(url: str, database: str, limit: int | None = None) -> tuple[int, float]:
@@ -154,7 +169,8 @@ def loaded(url: str) -> int:
 
 
 def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str | None = None,
-          run_only: bool = False, baseline_docs: int | None = None, feed: bool = True) -> dict[str, object]:
+          run_only: bool = False, baseline_docs: int | None = None, feed: bool = True,
+          rebuilds: bool = True) -> dict[str, object]:
     global AUTH
     out: dict[str, object] = {"docs": docs, "load": os.getloadavg()[0]}
     server: CouchDBServer | ExternalCouchDB = (
@@ -204,11 +220,12 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str
             out["raw_p50"], out["raw_p95"] = pct(to_raw, 0.5), pct(to_raw, 0.95)
         sampler.done.set()
         out["peak_rss_mb"] = sampler.peak
+        out["run_builds"] = run_builds(log_path)
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         proc = None
         if not run_only:
-            out.update(cycle_and_builds(url))
+            out.update(cycle_and_builds(url, rebuilds))
     finally:
         if proc is not None:
             proc.kill()
@@ -218,7 +235,7 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str
     return out
 
 
-def cycle_and_builds(couch_url: str) -> dict[str, object]:
+def cycle_and_builds(couch_url: str, rebuilds: bool = True) -> dict[str, object]:
     """With `run` stopped: 100 changed reports synced, then one refresh cycle; the idle check; a
     first build of every model (snapshots cleared), all through chtsync's own functions."""
     cfg = config.load(env={k: v for k, v in env(couch_url).items() if k.startswith(("COUCHDB", "POSTGRES"))},
@@ -243,6 +260,8 @@ def cycle_and_builds(couch_url: str) -> dict[str, object]:
             pipeline.refresh_once(cfg, conn)
             idle.append((time.monotonic() - started) * 1000)
         out["idle_ms"] = statistics.median(idle)
+        if not rebuilds:
+            return out
         conn.execute("UPDATE chtsync_models SET snapshot = NULL WHERE kind <> 'view'")
         started = time.monotonic()
         results = pipeline.refresh_once(cfg, conn)
@@ -273,12 +292,18 @@ def report(r: dict[str, object], command: str) -> str:
         f"| of which CouchDB write to the raw table, p50 / p95 | {r['raw_p50']:.3f} s / {r['raw_p95']:.3f} s |",
         f"| one refresh cycle of all models after {CHANGED} changed reports | {r['cycle_ms']:.0f} ms |",
         f"| idle check (`refresh_once`, nothing changed, median of 15) | {r['idle_ms']:.1f} ms |",
-        f"| first build of every model from scratch (batched) | {r['builds_s']:.0f} s |",
-        "", "Per model, refresh after the 100 changes (status, ms, documents or groups) and first build"
-        " (status, rows, s):", "", "| model | after 100 changes | first build |", "|---|---|---|",
+        f"| first builds in the run, every model (sum; after the initial sync) |"
+        f" {sum(sec for _, sec in r['run_builds'].values()):.0f} s |",
+        *([f"| first build of every model from scratch again, `run` stopped (batched) | {r['builds_s']:.0f} s |"]
+          if "builds_s" in r else []),
+        "", "Per model, refresh after the 100 changes (status, ms, documents or groups), first build in"
+        " the run (rows, s)" + (" and again from scratch (status, rows, s)" if "builds" in r else "") + ":", "",
+        "| model | after 100 changes | first build in the run |" + (" again from scratch |" if "builds" in r else ""),
+        "|---|---|---|" + ("---|" if "builds" in r else ""),
     ]
     for name, cyc in r["cycle_models"].items():
-        lines.append(f"| {name} | {cyc} | {r['builds'].get(name)} |")
+        again = f" {r['builds'].get(name)} |" if "builds" in r else ""
+        lines.append(f"| {name} | {cyc} | {r['run_builds'].get(name)} |{again}")
     return "\n".join(lines)
 
 
@@ -292,17 +317,19 @@ def main() -> int:
     parser.add_argument("--baseline-docs", type=int, metavar="N",
                         help="measure the server's own rate over the first N documents of the stream only")
     parser.add_argument("--no-feed", action="store_true", help="leave out the feed-alone sync --once")
+    parser.add_argument("--no-rebuilds", action="store_true",
+                        help="leave out the second first build of every model (run stopped)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--run-only", action="store_true",
                         help="stop after the run's measures (sync, models, idle CPU, latency); implies --no-write")
     args = parser.parse_args()
     result = bench(args.docs, args.latency_seconds, args.idle, args.couchdb_url, args.run_only,
-                   args.baseline_docs, not args.no_feed)
+                   args.baseline_docs, not args.no_feed, not args.no_rebuilds)
     print(result, flush=True)
     if args.run_only:
         return 0
-    flags = "".join(f" --baseline-docs {args.baseline_docs}" if args.baseline_docs else "") + (
-        " --no-feed" if args.no_feed else "")
+    flags = (f" --baseline-docs {args.baseline_docs}" if args.baseline_docs else "") + (
+        " --no-feed" if args.no_feed else "") + (" --no-rebuilds" if args.no_rebuilds else "")
     text = report(result, f"python bench/real_run_bench.py --docs {args.docs}{flags}")
     print(text)
     if not args.no_write:
