@@ -181,7 +181,8 @@ def test_bad_first_sync_settings_exit_2_in_one_line(couch_server, dbname: str, t
              ({"FIRST_SYNC_MIN_DOCS": "1e6"}, "FIRST_SYNC_MIN_DOCS: expected a whole number, got '1e6'")]
     config = tmp_path / "chtsync.yaml"
     config.write_text("sync:\n  first_sync_readers: 0\n")
-    cases.append(({"CHTSYNC_CONFIG": str(config)}, "FIRST_SYNC_READERS: must be between 1 and 16, got 0"))
+    # from the YAML file: named by its key there
+    cases.append(({"CHTSYNC_CONFIG": str(config)}, "sync.first_sync_readers: must be between 1 and 16, got 0"))
     for env, message in cases:
         base = subprocess_env(couch_server, dbname)
         base.pop("FIRST_SYNC_MIN_DOCS")
