@@ -93,6 +93,12 @@ def couchdb_server() -> Iterator[CouchDBServer | ExternalCouchDB]:
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+    # As on every CHT server: the system databases exist before any test. A single node creates
+    # them itself a moment after it answers /_up (or not, after a slow first boot); a test that
+    # created one first would have it dropped after it, as a database it made.
+    admin = server.client()
+    for db in ("_users", "_replicator"):
+        admin.create_db(db)
     yield server
     server.close()
 
