@@ -216,6 +216,9 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str
             out["idle_cpu_pct"] = 100 * (cpu_seconds(proc.pid) - before) / idle_seconds
             with httpx.Client(auth=AUTH, timeout=60) as admin:
                 to_raw, lat = latency(admin, url, conn, latency_seconds)
+            if not lat or not to_raw:  # nothing arrived in time: a measure, not a crash
+                raise SystemExit(f"no report reached data_record within {latency_seconds + 30:.0f} s"
+                                 f" (raw table: {len(to_raw)}); see {log_path}")
             out["latency_p50"], out["latency_p95"], out["latency_n"] = pct(lat, 0.5), pct(lat, 0.95), len(lat)
             out["raw_p50"], out["raw_p95"] = pct(to_raw, 0.5), pct(to_raw, 0.95)
         sampler.done.set()

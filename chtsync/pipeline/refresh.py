@@ -200,13 +200,14 @@ def _record_failure(conn: psycopg.Connection, name: str, status: str, error: str
 
 
 def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
-         should_stop: Callable[[], bool]) -> list[RefreshResult]:
+         should_stop: Callable[[], bool], first_builds: bool = True) -> list[RefreshResult]:
     # Taken before anything is read: whatever is not visible now is re-read next run.
     snapshot = value(conn, "current_snapshot")
     states = _states(conn)
     inputs = _inputs(pipeline)
     raw_changed: dict[str, bool] = {}
     failed: dict[str, str] = {}  # model -> why its dependents are blocked
+    unbuilt: set[str] = set()  # first builds left for after the initial sync (first_builds=False)
     # A data test of severity error that failed holds the model's dependants back until it
     # passes; a test never run yet runs at the end of this round.
     held, untested = datatests.pending(conn, pipeline)
@@ -245,6 +246,13 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
             failed[model.name] = "is not applied"
             results.append(RefreshResult(model.name, model.kind, "unapplied",
                                          error="definition differs from the applied one: run `chtsync models apply`"))
+            continue
+        if not first_builds and (state.snapshot is None or any(d in unbuilt for d in model.deps)):
+            # A round forced during the initial sync: built now, a model would be built from part
+            # of the raw table and then catch up on the rest by id, several times slower than one
+            # build by block ranges once the sync is done. Its dependents wait with it.
+            unbuilt.add(model.name)
+            results.append(RefreshResult(model.name, model.kind, "waiting", rows=state.rows))
             continue
         inp = inputs[model.name]
         if not force:
@@ -356,12 +364,13 @@ def analyze_due(cfg: Config, conn: psycopg.Connection, relations: list[str]) -> 
 
 
 def refresh_once(cfg: Config, conn: psycopg.Connection, force: bool = False, *, wait: bool = True,
-                 pipeline: Pipeline | None = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> list[RefreshResult]:
+                 pipeline: Pipeline | None = None, should_stop: Callable[[], bool] = lambda: False,
+                 first_builds: bool = True) -> list[RefreshResult]:
     """Refresh, in dependency order, every model whose inputs changed since its last refresh
     (all of them with force=True, ignoring intervals too). A failing model is recorded and its
     dependents skipped; the others go on. With wait=False, return [] at once when another
-    process holds the pipeline lock (it is refreshing or applying)."""
+    process holds the pipeline lock (it is refreshing or applying). With first_builds=False
+    (a round during the initial sync) models never built wait, and their dependents."""
     pipeline = pipeline or graph.load(cfg)
     key = (db.LOCK_CLASS, db.lock_key(cfg, "pipeline"))
     with autocommit(conn):
@@ -370,7 +379,7 @@ def refresh_once(cfg: Config, conn: psycopg.Connection, force: bool = False, *, 
         elif not value(conn, "pipeline_try_lock", key):
             return []
         try:
-            return _run(cfg, conn, pipeline, force, should_stop)
+            return _run(cfg, conn, pipeline, force, should_stop, first_builds)
         finally:
             with contextlib.suppress(psycopg.OperationalError):
                 conn.execute(q("pipeline_unlock"), key)
@@ -409,8 +418,9 @@ async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event,
     last_round = time.monotonic()  # the hold's bound counts from the start too
     try:
         while not stop.is_set():
-            if await _hold(catching_up, stop, last_round):
-                continue  # stopped
+            stopped, forced = await _hold(catching_up, stop, last_round)
+            if stopped:
+                continue
             wake.clear()
             last_round = time.monotonic()
             try:
@@ -418,7 +428,7 @@ async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event,
                     broken_file = None
                     if conn is None or conn.closed or conn.broken:
                         conn = await asyncio.to_thread(db.connect, cfg, autocommit=True)
-                    await _refresh_until_stop(cfg, conn, stop)
+                    await _refresh_until_stop(cfg, conn, stop, first_builds=not forced)
             except ModelsFileError as exc:
                 # Retrying cannot fix a file: wait for someone to edit it.
                 broken_file = _mtime(cfg)
@@ -436,22 +446,25 @@ async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event,
             await asyncio.to_thread(conn.close)
 
 
-async def _hold(catching_up: Callable[[], str | None], stop: asyncio.Event, last_round: float) -> bool:
-    """Wait while a source catches up (HOLD_SECONDS after last_round at most); True if stopped.
-    Said in the log when it lasts (a restart holds for its first page only)."""
+async def _hold(catching_up: Callable[[], str | None], stop: asyncio.Event,
+                last_round: float) -> tuple[bool, bool]:
+    """Wait while a source catches up (HOLD_SECONDS after last_round at most): (stopped, still
+    catching up: a forced round). Said in the log when it lasts (a restart holds for its first
+    page only)."""
     reason, announced = catching_up(), False
     while reason is not None and time.monotonic() - last_round < HOLD_SECONDS:
         await _wait_any(HOLD_POLL, stop)
         if stop.is_set():
-            return True
+            return True, False
         reason = catching_up()
         if reason is not None and not announced:
             log.info("%s: refreshing once it is caught up (or every %.0f s)", reason, HOLD_SECONDS)
             announced = True
     if announced:
         log.info("models refresh: %s", "the initial sync is done" if reason is None
-                 else f"{HOLD_SECONDS:.0f} s without a refresh during the initial sync")
-    return False
+                 else f"{HOLD_SECONDS:.0f} s without a refresh during the initial sync (models"
+                      " not built yet wait for its end)")
+    return False, reason is not None
 
 
 def _mtime(cfg: Config) -> float:
@@ -461,11 +474,12 @@ def _mtime(cfg: Config) -> float:
         return -1.0
 
 
-async def _refresh_until_stop(cfg: Config, conn: psycopg.Connection, stop: asyncio.Event) -> None:
+async def _refresh_until_stop(cfg: Config, conn: psycopg.Connection, stop: asyncio.Event, *,
+                              first_builds: bool = True) -> None:
     """One refresh_once in a thread; once stop is set it may finish for STOP_GRACE seconds,
     then its statement is cancelled."""
     task = asyncio.ensure_future(asyncio.to_thread(
-        refresh_once, cfg, conn, wait=False, should_stop=stop.is_set))
+        refresh_once, cfg, conn, wait=False, should_stop=stop.is_set, first_builds=first_builds))
     await _wait_any(None, stop, _done_event(task))
     if not task.done():
         done, _ = await asyncio.wait([task], timeout=STOP_GRACE)
