@@ -6,6 +6,7 @@ new kind is one class here (plus its checks in models.py's messages).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
@@ -221,28 +222,27 @@ class Aggregate(Strategy):
         """Add the recorded counts to their groups: (groups changed, groups new, groups gone).
         Statements of a few rows each, whatever the size of the groups and of the table."""
         keys, star = model.spec.unique_key, model.counts[0]
-        total = sql.SQL("sum((counts ->> {})::bigint)")
-        conn.execute(q(
-            "group_deltas_take",
-            keys=sql.SQL(", ").join(sql.SQL("(key ->> {})::{} AS {}").format(
-                sql.Literal(k), sql.SQL(types[k]), sql.Identifier(k)) for k in keys),
-            sums=sql.SQL(", ").join(sql.SQL("{}::bigint AS {}").format(
-                total.format(sql.Literal(c)), sql.Identifier(c)) for c in model.counts),
-            nonzero=sql.SQL(" OR ").join(sql.SQL("{} <> 0").format(total.format(sql.Literal(c)))
-                                         for c in model.counts),
-        ), {"model": model.name}, prepare=False)
+        conn.execute(q("group_deltas_take", keys=sql.SQL(", ").join(
+            q("group_delta_key", column=sql.Identifier(k), label=sql.Literal(k), type=sql.SQL(types[k])) for k in keys),
+            sums=_each("group_delta_sum", model.counts), nonzero=_each("group_delta_nonzero", model.counts, " OR ")),
+            {"model": model.name}, prepare=False)
         changed = value(conn, "count_rows", model=sql.Identifier("chtsync_group_delta"))
         if changed:
             conn.execute(q("group_deltas_analyze"))
-            match = sql.SQL(" AND ").join(sql.SQL("m.{0} = d.{0}").format(sql.Identifier(k)) for k in keys)
-            parts = {"model": sql.Identifier(model.name), "match": match, "star": sql.Identifier(star)}
-            conn.execute(q("group_deltas_update", sets=sql.SQL(", ").join(
-                sql.SQL("{0} = m.{0} + d.{0}").format(sql.Identifier(c)) for c in model.counts), **parts))
+            parts = {"model": sql.Identifier(model.name), "match": _each("group_delta_match", keys, " AND "),
+                     "star": sql.Identifier(star)}
+            conn.execute(q("group_deltas_update", sets=_each("group_delta_add", model.counts), **parts))
             columns = sql.SQL(", ").join(sql.Identifier(c) for c in (*keys, *model.counts))
             inserted = conn.execute(q("group_deltas_insert", columns=columns, **parts)).rowcount
             deleted = conn.execute(q("group_deltas_delete", **parts)).rowcount
         conn.execute(q("group_deltas_drop"))
         return (changed, inserted, deleted) if changed else (0, 0, 0)
+
+
+def _each(name: str, columns: Iterable[str], sep: str = ", ", **parts: sql.Composable) -> sql.Composable:
+    """Named query `name` once per column ({column}: its identifier, {label}: its name as a
+    literal, and `parts`), joined by sep."""
+    return sql.SQL(sep).join(q(name, column=sql.Identifier(c), label=sql.Literal(c), **parts) for c in columns)
 
 
 STRATEGIES: dict[str, Strategy] = {s.kind.value: s() for s in (View, MaterializedView, Table, Incremental, Aggregate)}
@@ -275,18 +275,15 @@ def record_groups(conn: psycopg.Connection, aggregates: list[Model], upstream: M
         conn.execute(q("delta_clear"))
     conn.execute(q("delta_add" if after else "delta_table", model=name, key=key))
     for agg in aggregates:
-        pairs = sql.SQL(", ").join(sql.SQL("{}, g.{}").format(sql.Literal(c), sql.Identifier(c))
-                                   for c in agg.spec.unique_key)
+        pairs = _each("group_pair", agg.spec.unique_key)
         body = sql.SQL(agg.delta_sql)
-        recount: sql.Composable = sql.SQL("true")
+        recount = q("every_group")
         if agg.counts:
-            keyed = sql.SQL(" AND ").join(sql.SQL("g.{} IS NOT NULL").format(sql.Identifier(c))
-                                          for c in agg.spec.unique_key)
-            counts = sql.SQL(", ").join(sql.SQL("{}, g.{} * {}").format(
-                sql.Literal(c), sql.Identifier(c), sql.Literal(1 if after else -1)) for c in agg.counts)
+            keyed = _each("group_key_value", agg.spec.unique_key, " AND ")
+            counts = _each("group_count_pair", agg.counts, sign=sql.Literal(1 if after else -1))
             conn.execute(q("group_deltas_record", pairs=pairs, counts=counts, body=body, where=keyed),
                          {"model": agg.name})
-            recount = sql.SQL("NOT ({})").format(keyed)
+            recount = q("group_null_key", keyed=keyed)
         conn.execute(q("pending_groups_record", pairs=pairs, body=body, where=recount), {"model": agg.name})
     if after:
         conn.execute(q("delta_drop"))

@@ -230,17 +230,49 @@ ANALYZE {relation}
 
 -- name: pending_groups_record
 -- The groups of aggregate model %(model)s that the given rows of its upstream belong to: its
--- SQL run over those rows alone (the upstream renamed to chtsync_delta); {where} keeps the
--- groups to recount (all, or those with a NULL key when the counts are added).
+-- SQL run over those rows alone (the upstream renamed to chtsync_delta); the condition keeps
+-- the groups to recount (all, or those with a NULL key when the counts are added). The pieces
+-- that follow (group_pair to group_delta_match) are one column's part of these queries, joined
+-- by the caller (label: the column's name as a string); they hold no comment, being inlined.
 INSERT INTO chtsync_model_pending (model, key)
 SELECT DISTINCT %(model)s, jsonb_build_object({pairs}) FROM ({body}) AS g WHERE {where}
 ON CONFLICT DO NOTHING
 
 -- name: group_deltas_record
 -- The same SQL's counts over those rows, signed (-1: rows before the delete, 1: after the
--- insert), for the groups whose counts are added ({where}: no NULL key).
+-- insert), for the groups whose counts are added (the condition: no NULL key).
 INSERT INTO chtsync_model_deltas (model, key, counts)
 SELECT %(model)s, jsonb_build_object({pairs}), jsonb_build_object({counts}) FROM ({body}) AS g WHERE {where}
+
+-- name: group_pair
+{label}, g.{column}
+
+-- name: every_group
+true
+
+-- name: group_null_key
+NOT ({keyed})
+
+-- name: group_key_value
+g.{column} IS NOT NULL
+
+-- name: group_count_pair
+{label}, g.{column} * {sign}
+
+-- name: group_delta_key
+(key ->> {label})::{type} AS {column}
+
+-- name: group_delta_sum
+sum((counts ->> {label})::bigint)::bigint AS {column}
+
+-- name: group_delta_nonzero
+sum((counts ->> {label})::bigint) <> 0
+
+-- name: group_delta_add
+{column} = m.{column} + d.{column}
+
+-- name: group_delta_match
+m.{column} = d.{column}
 
 -- name: group_deltas_take
 -- Take the aggregate's recorded counts, summed per group and typed as its columns; groups whose
