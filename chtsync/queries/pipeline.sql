@@ -288,7 +288,7 @@ ANALYZE chtsync_group_delta
 UPDATE {model} AS m SET {sets} FROM chtsync_group_delta AS d WHERE {match}
 
 -- name: group_deltas_insert
--- Groups the table does not have yet ({star}: the count(*) column).
+-- Groups the table does not have yet (a count(*) above 0: the group has rows).
 INSERT INTO {model} ({columns})
 SELECT {columns} FROM chtsync_group_delta AS d
 WHERE d.{star} > 0 AND NOT EXISTS (SELECT FROM {model} AS m WHERE {match})
