@@ -76,6 +76,14 @@ def test_model_sql_for_block_ranges(cfg: Config, models: ModelsFile) -> None:
     assert "current_setting('chtsync.build_from')" in m["person"].block_sql
     assert m["with_parent"].block_sql == ""  # two references: not by range
     assert m["by_name"].block_sql == ""
+    # a plain SELECT in FROM, leftmost: read by range inside it; one that groups: not
+    models.set("sub", "SELECT s.uuid, upper(s.name) AS name FROM (SELECT _id AS uuid, doc ->> 'name' AS name"
+               " FROM couchdb WHERE doc ->> 'type' = 'person') AS s LEFT JOIN person AS p USING (uuid)",
+               kind="incremental", unique_key=["uuid"])
+    models.set("sub_grouped", "SELECT s.uuid FROM (SELECT _id AS uuid FROM couchdb GROUP BY _id) AS s",
+               kind="incremental", unique_key=["uuid"])
+    m = graph.load(cfg, models.path).models
+    assert "current_setting('chtsync.build_from')" in m["sub"].block_sql and m["sub_grouped"].block_sql == ""
     models.models["person"]["indexes"] = [{"columns": ["uuid", "source"], "unique": True}]
     assert graph.load(cfg, models.write().path).models["person"].block_sql == ""  # a row read twice would fail
 
@@ -87,7 +95,9 @@ def indexes(pg: psycopg.Connection, table: str) -> set[str]:
 def test_first_build_by_block_ranges_under_concurrent_writes(
         pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs, small: None) -> None:
     models.models["person"]["indexes"] = [{"columns": ["name"]}, {"expression": "upper(name)"}]
-    models.write()
+    models.set("sub", "SELECT s.uuid, s.source, upper(s.name) AS name FROM (SELECT _id AS uuid, source,"
+               " doc ->> 'name' AS name FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person') AS s",
+               kind="incremental", unique_key=["uuid", "source"])  # by range, inside the subquery
     docs.put(*(person(i, parent=i - 1 if i % 3 else None) for i in range(40)))
     docs.put(person(5, "Cy"), source="host/other")  # the same id in another source
     pg.execute("ANALYZE couchdb")

@@ -202,20 +202,27 @@ def _block_sql(select: ast.SelectStmt, table: str) -> tuple[str, tuple[str, ...]
     Exact when every output row comes from exactly one tuple of that reference, so that the
     rows of the ranges add up to the rows of the whole table: one plain SELECT (no GROUP BY,
     DISTINCT, window, LIMIT or set operation) reading the raw table once, as the leftmost item of
-    its FROM, joined to the rest only by inner or left joins (on the preserved side). Aggregate
+    its FROM (or of such a SELECT in FROM there, as `telemetry` has), joined to the rest only by
+    inner or left joins (on the preserved side). Aggregate
     calls without GROUP BY are ruled out when the build starts (their names are kept: only
     Postgres knows which functions are aggregates)."""
-    if (select.op != SetOperation.SETOP_NONE or select.groupClause or select.distinctClause
-            or select.havingClause is not None or select.windowClause or select.limitCount is not None
-            or select.limitOffset is not None or select.valuesLists or not select.fromClause):
-        return "", ()
     raws = [rv for rv, ctes in _walk(select, frozenset())
             if rv.relname == table and not rv.schemaname and rv.relname not in ctes]
-    parent, attr, node = None, "", select.fromClause[0]
-    while isinstance(node, ast.JoinExpr):
-        if node.jointype not in (JoinType.JOIN_INNER, JoinType.JOIN_LEFT):
+    # Down the leftmost FROM items (through inner and left joins, and into a subquery in FROM
+    # that is itself one row per row) to the raw table; where to put the range's subquery.
+    query, parent, attr = select, None, ""
+    while True:
+        if not _row_per_row(query):
             return "", ()
-        parent, attr, node = node, "larg", node.larg
+        parent, attr, node = query, "fromClause", query.fromClause[0]
+        while isinstance(node, ast.JoinExpr):
+            if node.jointype not in (JoinType.JOIN_INNER, JoinType.JOIN_LEFT):
+                return "", ()
+            parent, attr, node = node, "larg", node.larg
+        if not (isinstance(node, ast.RangeSubselect) and not node.lateral
+                and isinstance(node.subquery, ast.SelectStmt)):
+            break
+        query = node.subquery
     calls = list(_calls([select.targetList, select.whereClause, select.fromClause]))
     if len(raws) != 1 or node is not raws[0] or any(c.over is not None or c.agg_star for c in calls):
         return "", ()
@@ -223,8 +230,8 @@ def _block_sql(select: ast.SelectStmt, table: str) -> tuple[str, tuple[str, ...]
     source.fromClause[0].relname = table
     subselect = ast.RangeSubselect(lateral=False, subquery=source,
                                    alias=node.alias or ast.Alias(aliasname=node.relname))
-    if parent is None:
-        select.fromClause = (subselect, *select.fromClause[1:])
+    if isinstance(parent, ast.SelectStmt):
+        parent.fromClause = (subselect, *parent.fromClause[1:])
     else:
         setattr(parent, attr, subselect)
     text = RawStream()(select)
@@ -277,6 +284,14 @@ def _is_count(call: ast.FuncCall) -> bool:
     names = [n.sval for n in call.funcname]
     return (names in (["count"], ["pg_catalog", "count"]) and not call.agg_distinct and not call.agg_order
             and call.over is None and not call.agg_within_group and (call.agg_star or len(call.args or ()) == 1))
+
+
+def _row_per_row(select: ast.SelectStmt) -> bool:
+    """One plain SELECT with a FROM: no GROUP BY, DISTINCT, HAVING, window, LIMIT, OFFSET,
+    VALUES or set operation, so that each of its rows comes from one row of its FROM."""
+    return not (select.op != SetOperation.SETOP_NONE or select.groupClause or select.distinctClause
+                or select.havingClause is not None or select.windowClause or select.limitCount is not None
+                or select.limitOffset is not None or select.valuesLists or not select.fromClause)
 
 
 def _delta_sql(where: str, select: ast.SelectStmt, deps: list[str], other: bool) -> str:
