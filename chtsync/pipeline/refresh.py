@@ -108,6 +108,17 @@ BUILD_ROWS = 50_000
 ONE_STATEMENT_BUILD = 1_000_000
 
 
+# Past the last block a table can have: the range a one-statement build reads (its snapshot
+# may see blocks added after the table's size was read).
+WHOLE_TABLE_END = "(4294967295,0)"
+
+
+def _calls_aggregate(conn: psycopg.Connection, model: Model) -> bool:
+    """An aggregate without GROUP BY in a model built by block ranges: each range would give a
+    partial row (only Postgres knows which functions are aggregates)."""
+    return bool(model.block_calls) and bool(value(conn, "aggregate_functions", (list(model.block_calls),)))
+
+
 @dataclass
 class Built:
     rows: int
@@ -144,7 +155,11 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
             total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=table)
             if total <= ONE_STATEMENT_BUILD:
                 conn.execute(q("local_jit_off"))
-                rows = conn.execute(q("full_insert", model=target, body=sql.SQL(model.sql)), prepare=False).rowcount
+                body = model.sql
+                if model.block_sql:  # one range, the whole table: its rows decompressed once
+                    conn.execute(q("build_range"), ("(0,0)", WHOLE_TABLE_END))
+                    body = model.block_sql
+                rows = conn.execute(q("full_insert", model=target, body=sql.SQL(body)), prepare=False).rowcount
                 indexes.create(conn, model, into)
                 log.info("model built name=%s into=%s docs=%d rows=%d (one statement)", model.name, into, total, rows)
                 return Built(rows, snapshot, batched=False)
@@ -152,10 +167,7 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
             conn.execute(q("build_start"), {"name": model.name, "snapshot": snapshot, "blocks": blocks,
                                             "filenode": now_filenode, "into": into, "hash": model.hash,
                                             "total": total})
-    by_range = bool(model.block_sql)
-    if by_range and model.block_calls:
-        found = value(conn, "aggregate_functions", (list(model.block_calls),))
-        by_range = not found  # an aggregate without GROUP BY: each range would give a partial row
+    by_range = bool(model.block_sql) and not _calls_aggregate(conn, model)
     step = max(1, int(BUILD_ROWS * blocks / max(total, 1)))
     started, block_before = time.monotonic(), block
     while block < blocks:

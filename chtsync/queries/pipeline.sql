@@ -446,6 +446,9 @@ DROP {kind} IF EXISTS {relation}
 -- name: build_block_source
 -- What a model built by block ranges reads in place of the raw table (graph._block_sql): the
 -- blocks of one range, a TID range scan. Settings rather than parameters: the model's own SQL
--- around it may hold % and braces.
-SELECT * FROM couchdb
+-- around it may hold % and braces. doc #> '{}' is doc itself, decompressed once: Postgres
+-- decompresses a compressed value at every reference (a report model has a dozen), and OFFSET 0
+-- keeps the subquery from being pulled up into them. The columns are migration 0001's, in order.
+SELECT saved_timestamp, _id, _deleted, source, doc #> '{}' AS doc, _rev, _xid FROM couchdb
 WHERE ctid >= current_setting('chtsync.build_from')::tid AND ctid < current_setting('chtsync.build_to')::tid
+OFFSET 0
