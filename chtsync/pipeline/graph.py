@@ -42,9 +42,12 @@ class Model:
     # aggregate made of its group columns and count(...) calls only, one of them count(*): the
     # count columns, count(*)'s first; its changes are added, not recounted (empty: recounted)
     counts: tuple[str, ...] = ()
-    # incremental: its SQL reading only a block range of the raw table (empty when that would
-    # not be exact, see _block_sql), and the functions it calls (an aggregate among them: not)
+    # incremental: its SQL reading only a block range of one relation (empty when that would
+    # not be exact, see _block_sql), that relation (the raw table, or an incremental model it
+    # reads, as contact_hierarchy reads contact), and the functions it calls (an aggregate among
+    # them: not by range)
     block_sql: str = ""
+    block_from: str = ""
     block_calls: tuple[str, ...] = ()
 
     @property
@@ -141,7 +144,7 @@ def _unknown(where: str, what: str, name: str, disabled: set[str]) -> ModelsFile
     )
 
 
-def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str) -> Model:
+def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str, incremental: set[str]) -> Model:
     where = f"model '{spec.name}'"
     select = parse_select(where, spec.sql)
     deps: list[str] = []
@@ -178,9 +181,9 @@ def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str) -
     # A unique index could refuse a row read twice in the ranges (an update moved it) before the
     # catch-up replaces it: such a model is built by ids, which deletes before it inserts.
     by_range = of(spec.kind).by_document and not any(ix.unique for ix in spec.indexes)
-    block, calls = _block_sql(select, table) if by_range else ("", ())
+    block, source, calls = _block_sql(select, table, incremental & set(deps)) if by_range else ("", "", ())
     return Model(spec, text, tuple(deps), raw, external, delta_sql=delta, counts=counts, block_sql=block,
-                 block_calls=calls)
+                 block_from=source, block_calls=calls)
 
 
 def _calls(node: object) -> Iterator[ast.FuncCall]:
@@ -194,40 +197,47 @@ def _calls(node: object) -> Iterator[ast.FuncCall]:
             yield from _calls(getattr(node, attr))
 
 
-def _block_sql(select: ast.SelectStmt, table: str) -> tuple[str, tuple[str, ...]]:
-    """The model's SQL with its raw-table reference reading only the blocks of the range the
-    settings chtsync.build_from / build_to name (a TID range scan), and the names of the
-    functions it calls; ("", ()) when a build by block ranges would not be exact.
+def _block_sql(select: ast.SelectStmt, table: str, upstream: set[str]) -> tuple[str, str, tuple[str, ...]]:
+    """The model's SQL with one relation reading only the blocks of the range the settings
+    chtsync.build_from / build_to name (a TID range scan), that relation, and the names of the
+    functions it calls; ("", "", ()) when a build by block ranges would not be exact.
 
     Exact when every output row comes from exactly one tuple of that reference, so that the
     rows of the ranges add up to the rows of the whole table: one plain SELECT (no GROUP BY,
-    DISTINCT, window, LIMIT or set operation) reading the raw table once, as the leftmost item of
-    its FROM (or of such a SELECT in FROM there, as `telemetry` has), joined to the rest only by
-    inner or left joins (on the preserved side). Aggregate
+    DISTINCT, window, LIMIT or set operation) with the relation as the leftmost item of its FROM
+    (or of such a SELECT in FROM there, as `telemetry` has), joined to the rest only by inner or
+    left joins (on the preserved side). The relation is the raw table, read nowhere else, or an
+    incremental model in `upstream` (its rows change only with raw documents written since the
+    build began, which the catch-up derives again: contact_hierarchy reads contact). Aggregate
     calls without GROUP BY are ruled out when the build starts (their names are kept: only
     Postgres knows which functions are aggregates)."""
-    raws = [rv for rv, ctes in _walk(select, frozenset())
-            if rv.relname == table and not rv.schemaname and rv.relname not in ctes]
+    refs = [(rv, ctes) for rv, ctes in _walk(select, frozenset()) if not rv.schemaname]
+    raws = [rv for rv, ctes in refs if rv.relname == table and rv.relname not in ctes]
     # Down the leftmost FROM items (through inner and left joins, and into a subquery in FROM
     # that is itself one row per row) to the raw table; where to put the range's subquery.
     query, parent, attr = select, None, ""
     while True:
         if not _row_per_row(query):
-            return "", ()
+            return "", "", ()
         parent, attr, node = query, "fromClause", query.fromClause[0]
         while isinstance(node, ast.JoinExpr):
             if node.jointype not in (JoinType.JOIN_INNER, JoinType.JOIN_LEFT):
-                return "", ()
+                return "", "", ()
             parent, attr, node = node, "larg", node.larg
         if not (isinstance(node, ast.RangeSubselect) and not node.lateral
                 and isinstance(node.subquery, ast.SelectStmt)):
             break
         query = node.subquery
     calls = list(_calls([select.targetList, select.whereClause, select.fromClause]))
-    if len(raws) != 1 or node is not raws[0] or any(c.over is not None or c.agg_star for c in calls):
-        return "", ()
-    source = pglast.parse_sql(queries.get("build_block_source"))[0].stmt
-    source.fromClause[0].relname = table
+    if any(c.over is not None or c.agg_star for c in calls):
+        return "", "", ()
+    if raws and node is raws[0] and len(raws) == 1:
+        source = pglast.parse_sql(queries.get("build_block_source"))[0].stmt
+    elif any(rv is node and rv.relname in upstream and rv.relname not in ctes for rv, ctes in refs):
+        source = pglast.parse_sql(queries.get("build_block_model_source"))[0].stmt
+    else:
+        return "", "", ()
+    source.fromClause[0].relname = node.relname
     subselect = ast.RangeSubselect(lateral=False, subquery=source,
                                    alias=node.alias or ast.Alias(aliasname=node.relname))
     if isinstance(parent, ast.SelectStmt):
@@ -235,7 +245,7 @@ def _block_sql(select: ast.SelectStmt, table: str) -> tuple[str, tuple[str, ...]
     else:
         setattr(parent, attr, subselect)
     text = RawStream()(select)
-    return text, tuple(sorted({c.funcname[-1].sval for c in calls}))
+    return text, node.relname, tuple(sorted({c.funcname[-1].sval for c in calls}))
 
 
 def _counts(select: ast.SelectStmt, unique_key: tuple[str, ...]) -> tuple[str, ...]:
@@ -332,9 +342,10 @@ def build(specs: list[ModelSpec], table: str = RAW) -> Pipeline:
     names = {s.name for s in enabled}
     if table != RAW and table in names:
         raise ModelsFileError(f"model '{table}': 'name' is the raw table's name (POSTGRES_TABLE)")
+    incremental = {s.name for s in enabled if of(s.kind).by_document}
     resolved: dict[str, Model] = {}
     for spec in enabled:
-        resolved[spec.name] = _resolve(spec, names, disabled, table)
+        resolved[spec.name] = _resolve(spec, names, disabled, table, incremental)
     sorter = graphlib.TopologicalSorter({m.name: m.deps for m in resolved.values()})
     try:
         order = list(sorter.static_order())

@@ -131,28 +131,33 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
     """Fill `into` (an incremental model, or its shadow during a rebuild) from scratch, resuming
     a build of the same target an earlier run left unfinished; None when stopped first.
 
-    Above ONE_STATEMENT_BUILD documents it walks the raw table's blocks in ranges of about
-    BUILD_ROWS rows, one transaction each (docs/pipeline.md, "First builds and rebuilds": why
+    Above ONE_STATEMENT_BUILD rows it walks the blocks of the relation it reads (the raw table,
+    or the incremental model its block_sql reads by range) in ranges of about BUILD_ROWS rows,
+    one transaction each (docs/pipeline.md, "First builds and rebuilds": why
     this is exact once the caller catches up from the returned snapshot)."""
     table, target = db.table_ident(cfg), sql.Identifier(into)
     key = sql.Identifier(model.spec.unique_key[0])
     conn.execute(q("changed_ids_table"))
     build_snapshot, block, blocks, filenode, build_into, docs, rows, total, build_hash = conn.execute(
         q("build_state"), (model.name,)).fetchone()
-    now_blocks, now_filenode = conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()
+    by_range = bool(model.block_sql) and not _calls_aggregate(conn, model)
+    # the relation whose blocks the ranges walk: the raw table, or the model's incremental upstream
+    walked = model.block_from if by_range else cfg.table
+    now_blocks, now_filenode = conn.execute(q("raw_blocks"), (cfg.schema, walked)).fetchone()
     if (build_snapshot is not None and build_into == into and build_hash == model.hash and block is not None
             and filenode == now_filenode):
         log.info("model build resumed name=%s into=%s docs=%d rows=%d", model.name, into, docs, rows)
     else:
         if build_snapshot is not None:
-            log.info("model build started over name=%s into=%s (the raw table was rewritten, or"
+            log.info("model build started over name=%s into=%s (the table it walks was rewritten, or"
                      " another build was under way)", model.name, into)
         with conn.transaction():
             conn.execute(q("truncate", model=target))
             indexes.defer(conn, model, into)  # built once the rows are in
             for agg in aggregates:
                 conn.execute(q("pending_all"), (agg.name,))
-            total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=table)
+            total = value(conn, "raw_documents", (cfg.schema, walked),
+                          table=sql.Identifier(cfg.schema, walked))
             if total <= ONE_STATEMENT_BUILD:
                 conn.execute(q("local_jit_off"))
                 body = model.sql
@@ -167,7 +172,6 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
             conn.execute(q("build_start"), {"name": model.name, "snapshot": snapshot, "blocks": blocks,
                                             "filenode": now_filenode, "into": into, "hash": model.hash,
                                             "total": total})
-    by_range = bool(model.block_sql) and not _calls_aggregate(conn, model)
     step = max(1, int(BUILD_ROWS * blocks / max(total, 1)))
     started, block_before = time.monotonic(), block
     while block < blocks:
@@ -175,7 +179,7 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
             return None
         end = min(block + step, blocks)
         with conn.transaction():
-            if conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()[1] != now_filenode:
+            if conn.execute(q("raw_blocks"), (cfg.schema, walked)).fetchone()[1] != now_filenode:
                 break  # rewritten meanwhile: start over below
             conn.execute(q("local_jit_off"))
             conn.execute(q("build_range"), (f"({block},0)", f"({end},0)"))

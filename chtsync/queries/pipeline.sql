@@ -452,3 +452,9 @@ DROP {kind} IF EXISTS {relation}
 SELECT saved_timestamp, _id, _deleted, source, doc #> '{}' AS doc, _rev, _xid FROM couchdb
 WHERE ctid >= current_setting('chtsync.build_from')::tid AND ctid < current_setting('chtsync.build_to')::tid
 OFFSET 0
+
+-- name: build_block_model_source
+-- The same for a model built by the block ranges of an incremental model it reads (the name is
+-- replaced by graph._block_sql).
+SELECT * FROM model
+WHERE ctid >= current_setting('chtsync.build_from')::tid AND ctid < current_setting('chtsync.build_to')::tid
