@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psycopg
@@ -106,6 +107,10 @@ BUILD_ROWS = 50_000
 # Up to this many raw documents a build is one statement (a sequential scan, seconds even at
 # this size); above it, batches of block ranges keep each transaction bounded.
 ONE_STATEMENT_BUILD = 1_000_000
+# First builds of models that read only the raw table run side by side, each on its own
+# connection (a Postgres backend, a core): nothing else works while they run, and one INSERT ...
+# SELECT uses one core. Two: these machines have two cores, and more would only share them.
+BUILD_WORKERS = 2
 
 
 # Past the last block a table can have: the range a one-statement build reads (its snapshot
@@ -124,6 +129,30 @@ class Built:
     rows: int
     snapshot: str  # the build read everything this snapshot saw (and maybe more)
     batched: bool  # False: one statement, exact as of its own snapshot (no catch-up needed)
+    seconds: float = 0.0  # the build's own time (it may have run beside others)
+
+
+def _build_side_by_side(cfg: Config, models: list[Model], snapshot: str, aggregates: dict[str, list[Model]],
+                        should_stop: Callable[[], bool]) -> dict[str, Built]:
+    """The first builds of `models` (each reads no other model), BUILD_WORKERS at a time on
+    connections of their own; what each built, by name. A build that failed or was stopped is
+    left out: the round builds it again (resuming) in its turn, and records the failure."""
+
+    def build(model: Model) -> tuple[str, Built | None]:
+        started = time.monotonic()
+        try:
+            with db.connect(cfg, autocommit=True) as conn:
+                built = _build(conn, cfg, model, model.name, snapshot, aggregates.get(model.name, []), should_stop)
+        except (psycopg.Error, PostgresUnavailable) as exc:
+            log.warning("model build side by side failed name=%s error=%s (built again in its turn)",
+                        model.name, first_line(exc))
+            return model.name, None
+        if built is not None:
+            built.seconds = time.monotonic() - started
+        return model.name, built
+
+    with ThreadPoolExecutor(BUILD_WORKERS, thread_name_prefix="chtsync-build") as pool:
+        return {name: built for name, built in pool.map(build, models) if built is not None}
 
 
 def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snapshot: str,
@@ -234,6 +263,15 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
     # The models' SQL is planned with the raw table's statistics: bring them up to date first.
     analyze_due(cfg, conn, [cfg.table])
 
+    # Models never built that read only the raw table: built side by side before the round
+    # (the round then records each in its turn, with the catch-up of a batched build).
+    firsts = [m for m in pipeline.models.values()
+              if first_builds and of(m.kind).by_document and not m.deps and m.name in states
+              and states[m.name].snapshot is None and states[m.name].hash == m.hash]
+    prebuilt = _build_side_by_side(cfg, firsts, snapshot, aggregates, should_stop) if len(firsts) > 1 else {}
+    if should_stop():
+        return [RefreshResult(m.name, m.kind, "building") for m in firsts if m.name not in prebuilt]
+
     def raw_changed_since(snap: str) -> bool:
         if snap not in raw_changed:
             raw_changed[snap] = bool(value(conn, "raw_changed_since", since(cfg, snap), prepare=False))
@@ -293,8 +331,8 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
         started = time.monotonic()
         try:
             if strategy.by_document and state.snapshot is None:  # first build, in batches
-                built = _build(conn, cfg, model, model.name, new_snapshot, aggregates.get(model.name, []),
-                               should_stop)
+                built = prebuilt.get(model.name) or _build(conn, cfg, model, model.name, new_snapshot,
+                                                           aggregates.get(model.name, []), should_stop)
                 if built is None:
                     failed[model.name] = "is still being built"
                     results.append(RefreshResult(model.name, model.kind, "building"))
@@ -306,7 +344,7 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
                                                           aggregates.get(model.name, []), model.name).rows
                     else:
                         new_snapshot = built.snapshot
-                    ms = (time.monotonic() - started) * 1000
+                    ms = (time.monotonic() - started + built.seconds) * 1000
                     state.seq = value(conn, "record_refresh_ok", {
                         "name": model.name, "ms": ms, "rows": rows, "snapshot": new_snapshot,
                         "touched": True, "seen": 0})
