@@ -139,7 +139,9 @@ def test_models_wait_for_the_initial_sync(couch: CouchAdmin, couch_server, dbnam
             return False
         if wait:
             waits.append((wait, rows))
-        return rows == docs
+        # built and recorded (a first build's rows are committed before the round records it)
+        recorded = pg.execute("SELECT last_status = 'ok' FROM chtsync_models WHERE name = 'data_record'").fetchone()
+        return rows == docs and recorded == (True,)
 
     log_path = tmp_path / "run.log"
     with open(log_path, "w") as log:
