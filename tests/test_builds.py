@@ -85,6 +85,18 @@ def test_model_sql_for_block_ranges(cfg: Config, models: ModelsFile) -> None:
                kind="incremental", unique_key=["uuid"])
     m = graph.load(cfg, models.path).models
     assert "current_setting('chtsync.build_from')" in m["sub"].block_sql and m["sub_grouped"].block_sql == ""
+    # An upstream first in FROM: walked when it is an incremental model read by that name; not
+    # when it is a view, a CTE of the same name, or a relation qualified with a schema.
+    models.set("person_view", "SELECT * FROM person", kind="view")
+    models.set("over_view", "SELECT v.uuid FROM person_view AS v", kind="incremental", unique_key=["uuid"])
+    models.set("over_cte", "WITH person AS (SELECT _id AS uuid FROM couchdb) SELECT p.uuid FROM person AS p"
+               " JOIN by_name AS b ON true", kind="incremental", unique_key=["uuid"])
+    models.set("over_schema", "SELECT p.uuid FROM public.person AS p JOIN person AS q USING (uuid)",
+               kind="incremental", unique_key=["uuid"])
+    models.set("over_person", "SELECT p.uuid, q.name FROM person AS p LEFT JOIN person AS q ON q.uuid = p.parent",
+               kind="incremental", unique_key=["uuid"])
+    m = graph.load(cfg, models.path).models
+    assert [m[n].block_from for n in ("over_view", "over_cte", "over_schema", "over_person")] == ["", "", "", "person"]
     models.models["person"]["indexes"] = [{"columns": ["uuid", "source"], "unique": True}]
     assert graph.load(cfg, models.write().path).models["person"].block_sql == ""  # a row read twice would fail
 
