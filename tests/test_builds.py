@@ -56,6 +56,7 @@ def small(monkeypatch: pytest.MonkeyPatch) -> None:
     """Thresholds low enough for a few dozen documents: batched builds, one block per batch."""
     monkeypatch.setattr(refresh_mod, "ONE_STATEMENT_BUILD", 0)
     monkeypatch.setattr(refresh_mod, "BUILD_ROWS", 1)
+    monkeypatch.setattr(refresh_mod, "SHARED_BUILD_ROWS", 1)
 
 
 def person(i: int, name: str = "Ann", parent: int | None = None) -> dict:
@@ -75,7 +76,8 @@ def assert_exact(pg: psycopg.Connection, cfg: Config) -> None:
 def test_model_sql_for_block_ranges(cfg: Config, models: ModelsFile) -> None:
     m = graph.load(cfg).models
     assert "current_setting('chtsync.build_from')" in m["person"].block_sql
-    assert m["with_parent"].block_sql == ""  # two references: not by range
+    assert "FROM chtsync_build_source AS couchdb" in m["person"].shared_sql
+    assert m["with_parent"].block_sql == m["with_parent"].shared_sql == ""  # two references: not by range
     assert m["by_name"].block_sql == ""
     # a plain SELECT in FROM, leftmost: read by range inside it; one that groups: not
     models.set("sub", "SELECT s.uuid, upper(s.name) AS name FROM (SELECT _id AS uuid, doc ->> 'name' AS name"
@@ -83,8 +85,14 @@ def test_model_sql_for_block_ranges(cfg: Config, models: ModelsFile) -> None:
                kind="incremental", unique_key=["uuid"])
     models.set("sub_grouped", "SELECT s.uuid FROM (SELECT _id AS uuid FROM couchdb GROUP BY _id) AS s",
                kind="incremental", unique_key=["uuid"])
+    # the shared build's source name taken by a CTE of the model: by range, but never shared
+    models.set("named", "WITH chtsync_build_source AS (SELECT 1 AS one) SELECT c._id AS uuid FROM couchdb AS c"
+               " JOIN chtsync_build_source AS s ON true", kind="incremental", unique_key=["uuid"])
     m = graph.load(cfg, models.path).models
     assert "current_setting('chtsync.build_from')" in m["sub"].block_sql and m["sub_grouped"].block_sql == ""
+    assert ("FROM (SELECT _id AS uuid, doc ->> 'name' AS name FROM chtsync_build_source AS couchdb"
+            in m["sub"].shared_sql)
+    assert m["named"].block_sql and m["named"].shared_sql == ""
     # An upstream first in FROM: walked when it is an incremental model read by that name; not
     # when it is a view, a CTE of the same name, or a relation qualified with a schema.
     models.set("person_view", "SELECT * FROM person", kind="view")
@@ -97,6 +105,7 @@ def test_model_sql_for_block_ranges(cfg: Config, models: ModelsFile) -> None:
                kind="incremental", unique_key=["uuid"])
     m = graph.load(cfg, models.path).models
     assert [m[n].block_from for n in ("over_view", "over_cte", "over_schema", "over_person")] == ["", "", "", "person"]
+    assert m["over_person"].shared_sql == ""  # the shared read is the raw table's
     models.models["person"]["indexes"] = [{"columns": ["uuid", "source"], "unique": True}]
     assert graph.load(cfg, models.write().path).models["person"].block_sql == ""  # a row read twice would fail
 
@@ -137,7 +146,7 @@ def test_first_build_by_block_ranges_under_concurrent_writes(
         assert steps[:3] == [0, 1, 2]  # one transaction per block, progress recorded by each
         progress = next(m for m in state.gather(cfg, pg, counts=False)["models"] if m["name"] == "person")["build"]
         assert 0 < progress["docs"] < progress["total"] == 41
-        assert indexes(pg, "person") == {"person_key"}  # the others are built once the rows are in
+        assert indexes(pg, "person") == set()  # built once the rows are in: a build by range only inserts
         # Resumed where it stopped; the writes since the build began are derived again at its end.
         results = by_name(pipeline.refresh_once(cfg, pg))
         assert {r.status for r in results.values()} == {"ok"}
@@ -435,4 +444,116 @@ def test_first_builds_of_raw_models_run_side_by_side(
     assert results["bad"].status == "error" and "division by zero" in (results["bad"].error or "")
     assert {r.status for n, r in results.items() if n != "bad"} == {"ok"}
     models.remove("bad")
+    assert_exact(pg, cfg)
+
+
+def test_first_builds_share_one_read_of_each_range(
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs, small: None,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """First builds of the models reading the raw table by range read each range once for all
+    of them, in BUILD_WORKERS groups: progress moves together in one transaction per range,
+    writes between ranges, a stop and a resume (alone) end exact; a model that fails goes
+    unshared and is recorded, a model whose CTE takes the shared source's name builds alone."""
+    models.set("names", "SELECT _id AS uuid, source, upper(doc ->> 'name') AS name, length(doc ->> 'pad') AS pad"
+               " FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person' AND doc ->> 'name' <> 'Bob'",
+               kind="incremental", unique_key=["uuid", "source"])
+    models.set("sub", "SELECT s.uuid, s.source, s.name FROM (SELECT _id AS uuid, source, doc ->> 'name' AS name"
+               " FROM couchdb WHERE doc ->> 'type' = 'person') AS s", kind="incremental", unique_key=["uuid", "source"])
+    models.set("docs", "SELECT _id AS uuid, source, _deleted, doc ->> 'type' AS type FROM couchdb",
+               kind="incremental", unique_key=["uuid", "source"])
+    models.set("bad", "SELECT _id AS uuid, 1 / (length(doc ->> 'name') - 3) AS x FROM couchdb"
+               " WHERE doc ->> 'type' = 'person'", kind="incremental", unique_key=["uuid"])
+    models.set("named", "WITH chtsync_build_source AS (SELECT 1 AS one) SELECT c._id AS uuid FROM couchdb AS c"
+               " JOIN chtsync_build_source AS s ON true", kind="incremental", unique_key=["uuid"])
+    docs.put(*(person(i, parent=i - 1 if i % 3 else None) for i in range(40)))
+    docs.put({"_id": "settings", "type": "settings", "pad": PAD})
+    pg.execute("ANALYZE couchdb")
+    pipeline.apply(cfg, pg)
+    caplog.set_level("INFO", logger="chtsync.pipeline")
+    looks: list[dict[str, int]] = []
+
+    def writes_then_stop() -> bool:
+        at = dict(pg.execute("SELECT name, build_block FROM chtsync_models WHERE build_block IS NOT NULL"))
+        looks.append(at)
+        if at.get("names") == 3:
+            docs.put(person(0, "Bob"), person(39, "Bob"), person(100, "New"))
+            docs.delete("p001")
+        return at.get("names", 0) >= 6
+
+    results = by_name(pipeline.refresh_once(cfg, pg, should_stop=writes_then_stop))
+    shared = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model builds shared groups=")]
+    assert len(shared) == 1
+    groups = [set(g.split(",")) for g in shared[0].split(" sampled_ms=")[0].split("=", 1)[1].split()]
+    # two groups of the four shareable models that work; bad fails its sample, named has no shared SQL
+    assert len(groups) == 2 and set().union(*groups) == {"person", "names", "sub", "docs"}
+    assert results["names"].status == "building"
+    together = next(g for g in groups if "names" in g and len(g) > 1)
+    assert any(len(at) > 2 and len({at[n] for n in together}) == 1 and at["names"] >= 3 for at in looks)
+    # Resumed alone, each where the shared build left it; the writes since it began derived again.
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert results["bad"].status == "error" and "division by zero" in (results["bad"].error or "")
+    assert {r.status for n, r in results.items() if n != "bad"} == {"ok"}
+    models.remove("bad")
+    assert_exact(pg, cfg)
+    assert pg.execute("SELECT name FROM names WHERE uuid = 'p100'").fetchone() == ("NEW",)
+    assert pg.execute("SELECT count(*) FROM names WHERE uuid IN ('p000', 'p001', 'p039')").fetchone() == (0,)
+    assert pg.execute("SELECT count(*) FROM named").fetchone() == (42,)
+    # Built whole by the shared reads, then rebuilt alone: the same rows.
+    shared_rows = {m: pg.execute(f"SELECT * FROM {m} ORDER BY 1, 2").fetchall() for m in ("names", "sub", "docs")}
+    for m in ("names", "sub", "docs"):
+        pg.execute("UPDATE chtsync_models SET snapshot = NULL WHERE name = %s", (m,))
+    monkeypatch.setattr(refresh_mod, "BUILD_WORKERS", 1)
+    caplog.clear()
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert {results[m].status for m in shared_rows} == {"ok"}
+    assert any(r.getMessage().startswith("model build shared done names=names,sub,docs ") for r in caplog.records)
+    assert {m: pg.execute(f"SELECT * FROM {m} ORDER BY 1, 2").fetchall() for m in shared_rows} == shared_rows
+    assert_exact(pg, cfg)
+
+
+def test_a_shared_build_stopped_by_a_rewritten_table_starts_over_alone(
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs, small: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    models.set("names", "SELECT _id AS uuid, source, upper(doc ->> 'name') AS name FROM couchdb"
+               " WHERE NOT _deleted AND doc ->> 'type' = 'person'", kind="incremental", unique_key=["uuid", "source"])
+    monkeypatch.setattr(refresh_mod, "BUILD_WORKERS", 1)  # person and names in one group
+    docs.put(*(person(i) for i in range(30)))
+    pg.execute("ANALYZE couchdb")
+    pipeline.apply(cfg, pg)
+    rewritten: list[bool] = []
+
+    def rewrite_at_3() -> bool:
+        if not rewritten and (pg.execute("SELECT build_block FROM chtsync_models WHERE name = 'names'"
+                                         ).fetchone()[0] or 0) >= 3:
+            docs.put(*(person(i, "Bob") for i in range(0, 30, 2)))
+            pg.execute("VACUUM FULL couchdb")  # every row moves: the blocks done mean nothing now
+            rewritten.append(True)
+        return False
+
+    results = by_name(pipeline.refresh_once(cfg, pg, should_stop=rewrite_at_3))
+    assert rewritten and {r.status for r in results.values()} == {"ok"}
+    assert_exact(pg, cfg)
+
+
+def test_a_model_failing_in_a_shared_build_fails_alone(
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs, small: None,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A document that one model's SQL refuses, in a range the cost samples did not read: the
+    shared build stops there, every model resumes alone, the one that fails is recorded."""
+    models.set("late_bad", "SELECT _id AS uuid, 1 / (length(doc ->> 'name') - 4) AS x FROM couchdb"
+               " WHERE doc ->> 'type' = 'person'", kind="incremental", unique_key=["uuid"])
+    monkeypatch.setattr(refresh_mod, "BUILD_WORKERS", 1)
+    monkeypatch.setattr(refresh_mod, "SAMPLE_RANGES", 1)  # the first range only
+    docs.put(*(person(i) for i in range(30)))
+    docs.put(person(30, "Dave"))  # last in the table
+    pg.execute("ANALYZE couchdb")
+    pipeline.apply(cfg, pg)
+    caplog.set_level("INFO", logger="chtsync.pipeline")
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("model build side by side failed names=person,late_bad error=division by zero")
+               for m in messages), messages
+    assert results["late_bad"].status == "error" and "division by zero" in (results["late_bad"].error or "")
+    assert results["person"].status == "ok"
+    models.remove("late_bad")
     assert_exact(pg, cfg)

@@ -26,6 +26,7 @@ from chtsync.pipeline.kinds import of
 from chtsync.pipeline.models import RAW, ModelSpec, load_file
 
 DELTA = "chtsync_delta"  # the temp table an aggregate's SQL reads in place of its upstream
+SHARED_SOURCE = "chtsync_build_source"  # the CTE of a shared build's range (query build_shared)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class Model:
     block_sql: str = ""
     block_from: str = ""
     block_calls: tuple[str, ...] = ()
+    # block_sql reading the raw table's range from SHARED_SOURCE instead (a first build sharing
+    # one read of each range with other models); empty when it reads a model, or uses that name
+    shared_sql: str = ""
 
     @property
     def name(self) -> str:
@@ -181,9 +185,10 @@ def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str, i
     # A unique index could refuse a row read twice in the ranges (an update moved it) before the
     # catch-up replaces it: such a model is built by ids, which deletes before it inserts.
     by_range = of(spec.kind).by_document and not any(ix.unique for ix in spec.indexes)
-    block, source, calls = _block_sql(select, table, incremental & set(deps)) if by_range else ("", "", ())
+    block, source, calls, shared = (_block_sql(select, table, incremental & set(deps)) if by_range
+                                    else ("", "", (), ""))
     return Model(spec, text, tuple(deps), raw, external, delta_sql=delta, counts=counts, block_sql=block,
-                 block_from=source, block_calls=calls)
+                 block_from=source, block_calls=calls, shared_sql=shared)
 
 
 def _calls(node: object) -> Iterator[ast.FuncCall]:
@@ -197,10 +202,12 @@ def _calls(node: object) -> Iterator[ast.FuncCall]:
             yield from _calls(getattr(node, attr))
 
 
-def _block_sql(select: ast.SelectStmt, table: str, upstream: set[str]) -> tuple[str, str, tuple[str, ...]]:
+def _block_sql(select: ast.SelectStmt, table: str,
+               upstream: set[str]) -> tuple[str, str, tuple[str, ...], str]:
     """The model's SQL with one relation reading only the blocks of the range the settings
-    chtsync.build_from / build_to name (a TID range scan), that relation, and the names of the
-    functions it calls; ("", "", ()) when a build by block ranges would not be exact.
+    chtsync.build_from / build_to name (a TID range scan), that relation, the names of the
+    functions it calls, and for the raw table the same SQL reading SHARED_SOURCE in its place;
+    ("", "", (), "") when a build by block ranges would not be exact.
 
     Exact when every output row comes from exactly one tuple of that reference, so that the
     rows of the ranges add up to the rows of the whole table: one plain SELECT (no GROUP BY,
@@ -212,17 +219,19 @@ def _block_sql(select: ast.SelectStmt, table: str, upstream: set[str]) -> tuple[
     calls without GROUP BY are ruled out when the build starts (their names are kept: only
     Postgres knows which functions are aggregates)."""
     refs = [(rv, ctes) for rv, ctes in _walk(select, frozenset()) if not rv.schemaname]
+    # the shared source's name must reach the CTE: no relation or CTE of the model may bear it
+    shareable = all(rv.relname != SHARED_SOURCE and SHARED_SOURCE not in ctes for rv, ctes in refs)
     raws = [rv for rv, ctes in refs if rv.relname == table and rv.relname not in ctes]
     # Down the leftmost FROM items (through inner and left joins, and into a subquery in FROM
     # that is itself one row per row) to the raw table; where to put the range's subquery.
     query, parent, attr = select, None, ""
     while True:
         if not _row_per_row(query):
-            return "", "", ()
+            return "", "", (), ""
         parent, attr, node = query, "fromClause", query.fromClause[0]
         while isinstance(node, ast.JoinExpr):
             if node.jointype not in (JoinType.JOIN_INNER, JoinType.JOIN_LEFT):
-                return "", "", ()
+                return "", "", (), ""
             parent, attr, node = node, "larg", node.larg
         if not (isinstance(node, ast.RangeSubselect) and not node.lateral
                 and isinstance(node.subquery, ast.SelectStmt)):
@@ -230,22 +239,28 @@ def _block_sql(select: ast.SelectStmt, table: str, upstream: set[str]) -> tuple[
         query = node.subquery
     calls = list(_calls([select.targetList, select.whereClause, select.fromClause]))
     if any(c.over is not None or c.agg_star for c in calls):
-        return "", "", ()
-    if raws and node is raws[0] and len(raws) == 1:
+        return "", "", (), ""
+    is_raw = bool(raws) and node is raws[0] and len(raws) == 1
+    if is_raw:
         source = pglast.parse_sql(queries.get("build_block_source"))[0].stmt
     elif any(rv is node and rv.relname in upstream and rv.relname not in ctes for rv, ctes in refs):
         source = pglast.parse_sql(queries.get("build_block_model_source"))[0].stmt
     else:
-        return "", "", ()
+        return "", "", (), ""
     source.fromClause[0].relname = node.relname
-    subselect = ast.RangeSubselect(lateral=False, subquery=source,
-                                   alias=node.alias or ast.Alias(aliasname=node.relname))
-    if isinstance(parent, ast.SelectStmt):
-        parent.fromClause = (subselect, *parent.fromClause[1:])
-    else:
-        setattr(parent, attr, subselect)
-    text = RawStream()(select)
-    return text, node.relname, tuple(sorted({c.funcname[-1].sval for c in calls}))
+    alias = node.alias or ast.Alias(aliasname=node.relname)
+
+    def reading(item: ast.Node) -> str:  # the model's SQL with `item` in the relation's place
+        if isinstance(parent, ast.SelectStmt):
+            parent.fromClause = (item, *parent.fromClause[1:])
+        else:
+            setattr(parent, attr, item)
+        return RawStream()(select)
+
+    text = reading(ast.RangeSubselect(lateral=False, subquery=source, alias=alias))
+    shared = reading(ast.RangeVar(relname=SHARED_SOURCE, inh=True, relpersistence="p", alias=alias)) \
+        if is_raw and shareable else ""
+    return text, node.relname, tuple(sorted({c.funcname[-1].sval for c in calls})), shared
 
 
 def _counts(select: ast.SelectStmt, unique_key: tuple[str, ...]) -> tuple[str, ...]:

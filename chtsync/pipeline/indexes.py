@@ -58,9 +58,10 @@ def create(conn: psycopg.Connection, model: Model, relation: str) -> None:
                            index=sql.Identifier(name), relation=sql.Identifier(relation), body=ix.body))
 
 
-def defer(conn: psycopg.Connection, model: Model, relation: str) -> None:
-    """Drop the indexes a build fills more cheaply at its end (`create`): all but those on the key
-    and the unique ones (a duplicate is refused by the batch that brings it)."""
+def defer(conn: psycopg.Connection, model: Model, relation: str, keep_key: bool) -> None:
+    """Drop the indexes a build fills more cheaply at its end (`create`): all but the unique ones
+    (a duplicate is refused by the batch that brings it) and, with keep_key, those on the key (a
+    build by ids deletes by it; a build that only inserts does not need it before its end)."""
     for ix in model_indexes(model):
-        if not ix.on_key and not ix.unique:
+        if not (ix.on_key and keep_key) and not ix.unique:
             conn.execute(q("drop_index", index=sql.Identifier(index_name(relation, ix.suffix))))

@@ -111,6 +111,13 @@ ONE_STATEMENT_BUILD = 1_000_000
 # connection (a Postgres backend, a core): nothing else works while they run, and one INSERT ...
 # SELECT uses one core. Two: these machines have two cores, and more would only share them.
 BUILD_WORKERS = 2
+# Documents per transaction of a shared build (_build_shared): the range's decompressed
+# documents are held in memory for every model to read (local_shared_work_mem). Measured at 1M
+# documents: about 2,000 per range reads fastest, half the time of one read per model.
+SHARED_BUILD_ROWS = 2_000
+# Block ranges timed per model to share the builds out evenly (_groups), spread over the table.
+SAMPLE_RANGES = 8
+PROGRESS_LOG_SECONDS = 10.0  # a shared build logs its progress at most this often
 
 
 # Past the last block a table can have: the range a one-statement build reads (its snapshot
@@ -135,24 +142,146 @@ class Built:
 def _build_side_by_side(cfg: Config, models: list[Model], snapshot: str, aggregates: dict[str, list[Model]],
                         should_stop: Callable[[], bool]) -> dict[str, Built]:
     """The first builds of `models` (each reads no other model), BUILD_WORKERS at a time on
-    connections of their own; what each built, by name. A build that failed or was stopped is
-    left out: the round builds it again (resuming) in its turn, and records the failure."""
+    connections of their own; what each built, by name. Those reading the raw table by block
+    ranges with no build of theirs under way share its reads: split into BUILD_WORKERS groups of
+    about equal cost, each group reads each range once for all its models. A build that failed
+    or was stopped is left out: the round builds it again (resuming) in its turn, and records
+    the failure."""
+    with db.connect(cfg, autocommit=True) as conn:
+        shareable = [m for m in models if m.shared_sql and value(conn, "build_state", (m.name,)) is None
+                     and not _calls_aggregate(conn, m)]
+        groups = _groups(conn, cfg, shareable) if len(shareable) > 1 else []
+    groups = [g for g in groups if g]
+    grouped = {m.name for g in groups for m in g}
+    tasks = groups + [[m] for m in models if m.name not in grouped]
 
-    def build(model: Model) -> tuple[str, Built | None]:
+    def build(group: list[Model]) -> dict[str, Built]:
         started = time.monotonic()
         try:
             with db.connect(cfg, autocommit=True) as conn:
-                built = _build(conn, cfg, model, model.name, snapshot, aggregates.get(model.name, []), should_stop)
+                if len(group) > 1:
+                    built = _build_shared(conn, cfg, group, snapshot, aggregates, should_stop)
+                else:
+                    one = _build(conn, cfg, group[0], group[0].name, snapshot, aggregates.get(group[0].name, []),
+                                 should_stop)
+                    built = {} if one is None else {group[0].name: one}
         except (psycopg.Error, PostgresUnavailable) as exc:
-            log.warning("model build side by side failed name=%s error=%s (built again in its turn)",
-                        model.name, first_line(exc))
-            return model.name, None
-        if built is not None:
-            built.seconds = time.monotonic() - started
-        return model.name, built
+            log.warning("model build side by side failed names=%s error=%s (built again in its turn)",
+                        ",".join(m.name for m in group), first_line(exc))
+            return {}
+        for one in built.values():
+            one.seconds = time.monotonic() - started
+        return built
 
     with ThreadPoolExecutor(BUILD_WORKERS, thread_name_prefix="chtsync-build") as pool:
-        return {name: built for name, built in pool.map(build, models) if built is not None}
+        return {name: one for built in pool.map(build, tasks) for name, one in built.items()}
+
+
+def _groups(conn: psycopg.Connection, cfg: Config, models: list[Model]) -> list[list[Model]]:
+    """`models` in BUILD_WORKERS groups of about equal cost, each to be built by one shared read,
+    fewer when there are fewer models. A model's cost is the time it takes to derive and insert
+    (rolled back, its indexes dropped as the build drops them) its rows of SAMPLE_RANGES ranges
+    spread over the raw table, less the cheapest
+    model's (what the read itself costs every one);
+    the costliest first, each to the group with the least so far. A model failing there is left
+    out: built alone, its error is recorded in its turn, and it stops no other build."""
+    blocks, _ = conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()
+    total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=db.table_ident(cfg))
+    step = max(1, int(SHARED_BUILD_ROWS * blocks / max(total, 1)))
+    starts = sorted({blocks * i // SAMPLE_RANGES for i in range(SAMPLE_RANGES)})
+    cost: dict[str, float] = {}
+    for m in models:
+        started = time.monotonic()
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute(q("local_jit_off"))
+                indexes.defer(conn, m, m.name, keep_key=False)  # as in the build (rolled back too)
+                for start in starts:
+                    conn.execute(q("build_range"), (f"({start},0)", f"({start + step},0)"))
+                    conn.execute(q("build_sample", model=sql.Identifier(m.name), body=sql.SQL(m.block_sql)),
+                                 prepare=False)
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            log.info("model build not shared name=%s error=%s", m.name, first_line(exc))
+            continue
+        cost[m.name] = time.monotonic() - started
+    models = [m for m in models if m.name in cost]
+    if len(models) < 2 or BUILD_WORKERS < 2:
+        return [models] if len(models) > 1 else []
+    floor = min(cost.values())
+    groups: list[list[Model]] = [[] for _ in range(min(BUILD_WORKERS, len(models)))]
+    loads = [0.0] * len(groups)
+    for m in sorted(models, key=lambda m: cost[m.name], reverse=True):
+        i = loads.index(min(loads))
+        groups[i].append(m)
+        loads[i] += cost[m.name] - floor
+    log.info("model builds shared groups=%s sampled_ms=%s", " ".join(",".join(m.name for m in g) for g in groups),
+             ",".join(f"{m.name}:{cost[m.name] * 1000:.0f}" for m in models))
+    return [sorted(g, key=models.index) for g in groups]
+
+
+def _reset(conn: psycopg.Connection, model: Model, into: str, aggregates: list[Model], by_ids: bool) -> None:
+    """Empty `into` for a build from scratch: its indexes wait for the rows (but for those on the
+    key when it is built by ids: each batch deletes by it), and the aggregates over the model
+    count everything again."""
+    conn.execute(q("truncate", model=sql.Identifier(into)))
+    indexes.defer(conn, model, into, keep_key=by_ids)
+    for agg in aggregates:
+        conn.execute(q("pending_all"), (agg.name,))
+
+
+def _build_shared(conn: psycopg.Connection, cfg: Config, models: list[Model], snapshot: str,
+                  aggregates: dict[str, list[Model]], should_stop: Callable[[], bool]) -> dict[str, Built]:
+    """First builds of `models` (each with shared_sql) reading each block range of the raw table
+    once for all of them (query build_shared), one transaction per range of about
+    SHARED_BUILD_ROWS documents; what each built, by name, or {} when stopped or when the table
+    was rewritten. Each model's progress is recorded as _build records it, so a model the round
+    finds unbuilt resumes alone where this left it."""
+    table = db.table_ident(cfg)
+    blocks, filenode = conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()
+    names = [m.name for m in models]
+    with conn.transaction():
+        total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=table)
+        for m in models:
+            _reset(conn, m, m.name, aggregates.get(m.name, []), by_ids=False)
+            conn.execute(q("build_start"), {"name": m.name, "snapshot": snapshot, "blocks": blocks,
+                                            "filenode": filenode, "into": m.name, "hash": m.hash, "total": total})
+    statement = q(
+        "build_shared", source=sql.Identifier(graph.SHARED_SOURCE), table=table,
+        inserts=sql.SQL(", ").join(q("build_shared_insert", cte=sql.Identifier(f"m{i}"), model=sql.Identifier(m.name),
+                                     body=sql.SQL(m.shared_sql)) for i, m in enumerate(models)),
+        counts=sql.SQL(", ").join(q("build_shared_count", cte=sql.Identifier(f"m{i}")) for i in range(len(models))))
+    step = max(1, int(SHARED_BUILD_ROWS * blocks / max(total, 1)))
+    rows, block, docs = [0] * len(models), 0, 0
+    started = logged = time.monotonic()
+    log.info("model build shared started names=%s docs=%d", ",".join(names), total)
+    while block < blocks:
+        if should_stop():
+            return {}
+        end = min(block + step, blocks)
+        with conn.transaction():
+            if conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()[1] != filenode:
+                log.info("model build shared stopped names=%s (the raw table was rewritten: each starts"
+                         " over alone)", ",".join(names))
+                return {}
+            conn.execute(q("local_jit_off"))
+            conn.execute(q("local_shared_work_mem"))
+            conn.execute(q("build_range"), (f"({block},0)", f"({end},0)"))
+            # the same text every range (the range is in settings): prepared, planned once
+            rows = [r + n for r, n in zip(rows, conn.execute(statement, prepare=True).fetchone(), strict=True)]
+            block, docs = end, min(total, round(total * end / blocks))
+            conn.execute(q("build_progress_shared"), {"block": block, "docs": docs, "names": names, "rows": rows})
+        now = time.monotonic()
+        if now - logged >= PROGRESS_LOG_SECONDS or block >= blocks:
+            logged, rate = now, docs / max(now - started, 1e-3)
+            log.info("model building names=%s docs=%d/%d rows=%s rate=%.0f docs/s eta=%.0f s", ",".join(names),
+                     docs, total, ",".join(map(str, rows)), rate, max(total - docs, 0) / rate if rate else 0.0)
+    for m in models:
+        indexes.create(conn, m, m.name)  # each CREATE INDEX its own transaction: readers go on
+    log.info("model build shared done names=%s rows=%s in %.1f s", ",".join(names), ",".join(map(str, rows)),
+             time.monotonic() - started)
+    return {m.name: Built(r, snapshot, batched=True) for m, r in zip(models, rows, strict=True)}
 
 
 def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snapshot: str,
@@ -181,12 +310,9 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
             log.info("model build started over name=%s into=%s (the table it walks was rewritten, or"
                      " another build was under way)", model.name, into)
         with conn.transaction():
-            conn.execute(q("truncate", model=target))
-            indexes.defer(conn, model, into)  # built once the rows are in
-            for agg in aggregates:
-                conn.execute(q("pending_all"), (agg.name,))
             total = value(conn, "raw_documents", (cfg.schema, walked),
                           table=sql.Identifier(cfg.schema, walked))
+            _reset(conn, model, into, aggregates, by_ids=total > ONE_STATEMENT_BUILD and not by_range)
             if total <= ONE_STATEMENT_BUILD:
                 conn.execute(q("local_jit_off"))
                 body = model.sql

@@ -458,3 +458,38 @@ OFFSET 0
 -- replaced by graph._block_sql).
 SELECT * FROM model
 WHERE ctid >= current_setting('chtsync.build_from')::tid AND ctid < current_setting('chtsync.build_to')::tid
+
+-- name: build_shared
+-- First builds of several models that read the raw table by block ranges, sharing one read of a
+-- range (refresh._build_shared): the range's documents, each decompressed once, are kept in a
+-- materialized CTE that every model's shared SQL reads in place of the raw table, each model
+-- inserting its rows; the rows each inserted, in the models' order. Columns as build_block_source.
+WITH {source} AS MATERIALIZED (
+    SELECT saved_timestamp, _id, _deleted, source, doc #> '{{}}' AS doc, _rev, _xid FROM {table}
+    WHERE ctid >= current_setting('chtsync.build_from')::tid AND ctid < current_setting('chtsync.build_to')::tid
+), {inserts}
+SELECT {counts}
+
+-- name: build_shared_insert
+{cte} AS (INSERT INTO {model} SELECT * FROM ({body}) AS m RETURNING 1)
+
+-- name: build_shared_count
+(SELECT count(*) FROM {cte})
+
+-- name: local_shared_work_mem
+-- The CTE of a shared build holds one range's decompressed documents (SHARED_BUILD_ROWS, about
+-- 10 MB): at least 16MB for this transaction keeps it out of temporary files.
+SELECT set_config('work_mem', '16MB', true)
+WHERE pg_size_bytes(current_setting('work_mem')) < pg_size_bytes('16MB')
+
+-- name: build_sample
+-- A model's cost over one block range, to share the builds out evenly (refresh._groups): its
+-- rows derived and inserted, in a transaction rolled back.
+INSERT INTO {model} SELECT * FROM ({body}) AS m
+
+-- name: build_progress_shared
+-- build_progress for every model of a shared build at once (they share the range done).
+UPDATE chtsync_models AS m SET
+    build_block = %(block)s, build_docs = %(docs)s, build_rows = p.rows, last_refresh_at = now()
+FROM unnest(%(names)s::text[], %(rows)s::bigint[]) AS p (name, rows)
+WHERE m.name = p.name
