@@ -558,8 +558,13 @@ def refresh_once(cfg: Config, conn: psycopg.Connection, force: bool = False, *, 
             conn.execute(q("pipeline_lock"), key)
         elif not value(conn, "pipeline_try_lock", key):
             return []
+        started = time.monotonic()
         try:
-            return _run(cfg, conn, pipeline, force, should_stop, first_builds)
+            results = _run(cfg, conn, pipeline, force, should_stop, first_builds)
+            worked = [r for r in results if r.status not in ("skipped", "waiting")]
+            if worked:  # an idle round (every model skipped) is not worth a line
+                log.info("refresh round refreshed=%d ms=%.0f", len(worked), (time.monotonic() - started) * 1000)
+            return results
         finally:
             with contextlib.suppress(psycopg.OperationalError):
                 conn.execute(q("pipeline_unlock"), key)
