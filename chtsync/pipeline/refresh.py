@@ -181,16 +181,15 @@ def _groups(conn: psycopg.Connection, cfg: Config, models: list[Model]) -> list[
     """`models` in BUILD_WORKERS groups of about equal cost, each to be built by one shared read,
     fewer when there are fewer models. A model's cost is the time it takes to derive and insert
     (rolled back, its indexes dropped as the build drops them) its rows of SAMPLE_RANGES ranges
-    spread over the raw table, less the cheapest
-    model's (what the read itself costs every one);
+    spread over the raw table, less the cheapest model's (what the read itself costs every one);
     the costliest first, each to the group with the least so far. A model failing there is left
     out: built alone, its error is recorded in its turn, and it stops no other build."""
     blocks, _ = conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()
     total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=db.table_ident(cfg))
     step = max(1, int(SHARED_BUILD_ROWS * blocks / max(total, 1)))
     starts = sorted({blocks * i // SAMPLE_RANGES for i in range(SAMPLE_RANGES)})
-    cost: dict[str, float] = {}
-    for m in models:
+
+    def sample(m: Model) -> float | None:
         started = time.monotonic()
         try:
             with conn.transaction(force_rollback=True):
@@ -204,8 +203,13 @@ def _groups(conn: psycopg.Connection, cfg: Config, models: list[Model]) -> list[
             if conn.broken:
                 raise
             log.info("model build not shared name=%s error=%s", m.name, first_line(exc))
-            continue
-        cost[m.name] = time.monotonic() - started
+            return None
+        return time.monotonic() - started
+
+    # Untimed first: the first read of fresh rows (into memory, hint bits set) would be counted
+    # against whichever model came first (measured: 3x its cost right after an initial sync).
+    sample(models[0])
+    cost = {m.name: t for m in models if (t := sample(m)) is not None}
     models = [m for m in models if m.name in cost]
     if len(models) < 2 or BUILD_WORKERS < 2:
         return [models] if len(models) > 1 else []
@@ -247,11 +251,12 @@ def _build_shared(conn: psycopg.Connection, cfg: Config, models: list[Model], sn
             _reset(conn, m, m.name, aggregates.get(m.name, []), by_ids=False)
             conn.execute(q("build_start"), {"name": m.name, "snapshot": snapshot, "blocks": blocks,
                                             "filenode": filenode, "into": m.name, "hash": m.hash, "total": total})
+    ctes = [sql.Identifier(f"chtsync_insert_{i}") for i in range(len(models))]
     statement = q(
         "build_shared", source=sql.Identifier(graph.SHARED_SOURCE), table=table,
-        inserts=sql.SQL(", ").join(q("build_shared_insert", cte=sql.Identifier(f"m{i}"), model=sql.Identifier(m.name),
-                                     body=sql.SQL(m.shared_sql)) for i, m in enumerate(models)),
-        counts=sql.SQL(", ").join(q("build_shared_count", cte=sql.Identifier(f"m{i}")) for i in range(len(models))))
+        inserts=sql.SQL(", ").join(q("build_shared_insert", cte=cte, model=sql.Identifier(m.name),
+                                     body=sql.SQL(m.shared_sql)) for cte, m in zip(ctes, models, strict=True)),
+        counts=sql.SQL(", ").join(q("build_shared_count", cte=cte) for cte in ctes))
     step = max(1, int(SHARED_BUILD_ROWS * blocks / max(total, 1)))
     rows, block, docs = [0] * len(models), 0, 0
     started = logged = time.monotonic()
