@@ -473,6 +473,27 @@ def test_statistics_are_kept_by_chtsync(pg: psycopg.Connection, cfg: Config, mod
     assert analyze_counts(pg, "person") == {"person": 1}
 
 
+def test_statistics_lost_are_taken_again(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
+                                         docs: Docs) -> None:
+    """A raw table full of rows that was never analyzed, its write counters gone (a crash, a
+    restored or copied database): analyzed before the models are refreshed. An empty one is not,
+    round after round."""
+    models.set("person", "SELECT _id AS uuid FROM couchdb WHERE doc ->> 'type' = 'person'",
+               kind="incremental", unique_key=["uuid"])
+    pipeline.apply(cfg, pg)
+    for _ in range(2):
+        pipeline.refresh_once(cfg, pg)
+    assert analyze_counts(pg, "couchdb") == {"couchdb": 0}  # empty: nothing to analyze
+    docs.put(*({"_id": f"p{i}", "type": "person"} for i in range(10)))  # below the threshold of 50
+    pg.execute("SELECT pg_stat_reset_single_table_counters('couchdb'::regclass)")
+    assert pg.execute("SELECT reltuples FROM pg_class WHERE oid = 'couchdb'::regclass").fetchone() == (-1,)
+    pipeline.refresh_once(cfg, pg)
+    assert analyze_counts(pg, "couchdb") == {"couchdb": 1}
+    assert pg.execute("SELECT reltuples FROM pg_class WHERE oid = 'couchdb'::regclass").fetchone() == (10,)
+    pipeline.refresh_once(cfg, pg)
+    assert analyze_counts(pg, "couchdb") == {"couchdb": 1}  # known now: by the threshold again
+
+
 def test_change_probe_ignores_missing_statistics(pg: psycopg.Connection, docs: Docs) -> None:
     docs.put(*({"_id": f"r{i}", "type": "report"} for i in range(2000)))  # never analyzed
     snapshot = pg.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
