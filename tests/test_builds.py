@@ -389,14 +389,17 @@ def test_a_model_built_by_the_block_ranges_of_the_model_it_reads(
     models.set("people", "SELECT _id AS uuid, source, doc ->> 'name' AS name, doc ->> 'parent' AS parent,"
                " doc ->> 'pad' AS pad FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person'",
                kind="incremental", unique_key=["uuid", "source"])  # about five rows per block
+    docs.put(*(person(i, f"N{i}", parent=i - 1 if i % 3 else None) for i in range(40)))
+    pg.execute("ANALYZE couchdb")
+    pipeline.apply(cfg, pg)
+    assert {r.status for r in pipeline.refresh_once(cfg, pg)} == {"ok"}
+    # added once people is built: built in its turn, so people can refresh between its batches
     models.set("tree", "SELECT c.uuid, c.source, c.name, c.parent, p.name AS parent_name FROM people AS c"
                " LEFT JOIN people AS p ON p.uuid = c.parent AND p.source = c.source",
                kind="incremental", unique_key=["uuid", "source"], reference_keys=["parent"])
     m = graph.load(cfg, models.path).models
     assert (m["tree"].block_from, m["people"].block_from, m["by_name"].block_from) == ("people", "couchdb", "")
     assert "current_setting('chtsync.build_from')" in m["tree"].block_sql
-    docs.put(*(person(i, f"N{i}", parent=i - 1 if i % 3 else None) for i in range(40)))
-    pg.execute("ANALYZE couchdb")
     pipeline.apply(cfg, pg)
 
     def tree_at(block: int) -> Callable[[], bool]:
@@ -404,7 +407,7 @@ def test_a_model_built_by_the_block_ranges_of_the_model_it_reads(
                         or 0) >= block
 
     results = by_name(pipeline.refresh_once(cfg, pg, should_stop=tree_at(2)))
-    assert results["people"].status == "ok" and results["tree"].status == "building"
+    assert results["tree"].status == "building"
     assert records(pg)["tree"]["build_blocks"] >= 7  # people's blocks, not the raw table's
     # renamed parents (their children's rows change), a moved and a deleted row, a new child
     docs.put(person(0, "Bob"), person(4, "Cy", parent=3), person(39, "Dee", parent=38),
@@ -513,6 +516,84 @@ def test_first_builds_share_one_read_of_each_range(
     assert any(r.getMessage().startswith("model build shared done names=names,sub,docs ") for r in caplog.records)
     assert {m: pg.execute(f"SELECT * FROM {m} ORDER BY 1, 2").fetchall() for m in shared_rows} == shared_rows
     assert_exact(pg, cfg)
+
+
+def test_models_reading_models_are_built_side_by_side_once_their_upstream_is(
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs, small: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A model reading an incremental model (as contact_hierarchy reads contact) is built on a
+    build connection as soon as that model is built and analyzed, beside the other builds, and
+    ends exact after writes in the middle of its build. One whose upstream failed, or whose
+    upstream has a test of severity error (it could hold it back), is built in its turn."""
+    models.set("people", "SELECT _id AS uuid, source, doc ->> 'name' AS name, doc ->> 'parent' AS parent,"
+               " doc ->> 'pad' AS pad FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person'",
+               kind="incremental", unique_key=["uuid", "source"])  # about five rows per block
+    models.set("tree", "SELECT c.uuid, c.source, c.name, c.parent, p.name AS parent_name FROM people AS c"
+               " LEFT JOIN people AS p ON p.uuid = c.parent AND p.source = c.source",
+               kind="incremental", unique_key=["uuid", "source"], reference_keys=["parent"])
+    models.set("bad", "SELECT _id AS uuid, 1 / (length(doc ->> 'name') - 3) AS x FROM couchdb"
+               " WHERE doc ->> 'type' = 'person'", kind="incremental", unique_key=["uuid"])
+    models.set("over_bad", "SELECT b.uuid, b.x FROM bad AS b", kind="incremental", unique_key=["uuid"])
+    models.set("checked", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb WHERE doc ->> 'type' = 'person'",
+               kind="incremental", unique_key=["uuid"],
+               tests=[{"test": "not_null", "column": "name", "severity": "error"}])
+    models.set("over_checked", "SELECT c.uuid, lower(c.name) AS name FROM checked AS c", kind="incremental",
+               unique_key=["uuid"])
+    docs.put(*(person(i, f"N{i}", parent=i - 1 if i % 3 else None) for i in range(40)))
+    pg.execute("ANALYZE couchdb")
+    pipeline.apply(cfg, pg)
+    caplog.set_level("INFO", logger="chtsync.pipeline")
+    wrote: list[bool] = []
+
+    def write_during_tree() -> bool:
+        if not wrote and (pg.execute("SELECT build_block FROM chtsync_models WHERE name = 'tree'").fetchone()[0]
+                          or 0) >= 2:
+            wrote.append(True)  # a renamed parent, a moved child, a new child, a deleted one
+            docs.put(person(0, "Bob"), person(4, "Cy", parent=3), person(100, "New", parent=0))
+            docs.delete("p001")
+        return False
+
+    results = by_name(pipeline.refresh_once(cfg, pg, should_stop=write_during_tree))
+    assert wrote
+    records = [(r.getMessage(), r.threadName) for r in caplog.records]
+
+    def first(start: str) -> int:
+        return next(i for i, (message, _) in enumerate(records) if message.startswith(start))
+
+    # tree: on a build connection, after people was built (shared) and analyzed there
+    tree_built = first("model indexes built name=tree ")
+    assert records[tree_built][1].startswith("chtsync-build")
+    people_done = next(i for i, (m, _) in enumerate(records)  # alone, or in a shared group
+                       if m.startswith("model indexes built name=people ")
+                       or (m.startswith("model build shared done names=") and "people" in m.split()[4][6:].split(",")))
+    analyzed = first("analyzed name=people ")
+    assert people_done < analyzed < first("model building name=tree ") < tree_built
+    assert records[analyzed][1].startswith("chtsync-build")
+    # over_checked and over_bad: in their turn, on the round's own connection
+    assert not records[first("model indexes built name=over_checked ")][1].startswith("chtsync-build")
+    assert results["bad"].status == "error" and results["over_bad"].status == "blocked"
+    assert not any(m.startswith("model building name=over_bad ") for m, _ in records)
+    assert {r.status for n, r in results.items() if n not in ("bad", "over_bad")} == {"ok"}
+    models.remove("over_bad").remove("bad")
+    assert_exact(pg, cfg)
+    assert pg.execute("SELECT parent_name FROM tree WHERE uuid = 'p100'").fetchone() == ("Bob",)
+    assert pg.execute("SELECT count(*) FROM tree WHERE uuid = 'p001' OR parent = 'p001' AND parent_name IS NOT NULL"
+                      ).fetchone() == (0,)
+    # Added later, beside a new model of the raw table: built at once on a build connection from
+    # people as it stands (written to since its last round), then caught up by the round.
+    docs.put(person(5, "Flo", parent=100), person(101, "Gus", parent=5))
+    models.set("tree2", "SELECT c.uuid, c.source, c.parent, p.name AS parent_name FROM people AS c"
+               " LEFT JOIN people AS p ON p.uuid = c.parent AND p.source = c.source",
+               kind="incremental", unique_key=["uuid", "source"], reference_keys=["parent"])
+    models.set("names", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb", kind="incremental",
+               unique_key=["uuid"])
+    pipeline.apply(cfg, pg)
+    caplog.clear()
+    assert {r.status for r in pipeline.refresh_once(cfg, pg)} == {"ok"}
+    assert next(r.threadName for r in caplog.records
+                if r.getMessage().startswith("model indexes built name=tree2 ")).startswith("chtsync-build")
+    assert_exact(pg, cfg)
+    assert pg.execute("SELECT parent_name FROM tree2 WHERE uuid = 'p101'").fetchone() == ("Flo",)
 
 
 def test_a_shared_build_stopped_by_a_rewritten_table_starts_over_alone(

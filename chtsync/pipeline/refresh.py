@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import psycopg
@@ -125,6 +125,11 @@ PROGRESS_LOG_SECONDS = 10.0  # a shared build logs its progress at most this oft
 WHOLE_TABLE_END = "(4294967295,0)"
 
 
+def _blocks_for(rows: int, blocks: int, total: int) -> int:
+    """Blocks holding about `rows` of a relation of `total` rows in `blocks` blocks (at least one)."""
+    return max(1, int(rows * blocks / max(total, 1)))
+
+
 def _calls_aggregate(conn: psycopg.Connection, model: Model) -> bool:
     """An aggregate without GROUP BY in a model built by block ranges: each range would give a
     partial row (only Postgres knows which functions are aggregates)."""
@@ -140,31 +145,39 @@ class Built:
 
 
 def _build_side_by_side(cfg: Config, models: list[Model], snapshot: str, aggregates: dict[str, list[Model]],
-                        should_stop: Callable[[], bool]) -> dict[str, Built]:
-    """The first builds of `models` (each reads no other model), BUILD_WORKERS at a time on
-    connections of their own; what each built, by name. Those reading the raw table by block
-    ranges with no build of theirs under way share its reads: split into BUILD_WORKERS groups of
-    about equal cost, each group reads each range once for all its models. A build that failed
-    or was stopped is left out: the round builds it again (resuming) in its turn, and records
-    the failure."""
+                        should_stop: Callable[[], bool], upstream: dict[str, str]) -> dict[str, Built]:
+    """The first builds of `models`, BUILD_WORKERS at a time on connections of their own; what
+    each built, by name. Those reading the raw table by block ranges with no build of theirs
+    under way share its reads: split into BUILD_WORKERS groups of about equal cost, each group
+    reads each range once for all its models. A model reading other models (each among
+    `models`, or built before: its snapshot in `upstream`) starts on the first free connection
+    once they are built and analyzed, from the oldest of their snapshots, as the round would
+    build it. A build that failed or was stopped is left out, and so are its dependants: the
+    round builds them again (resuming) in their turn, and records the failure."""
+    names = {m.name for m in models}
+    waiting = [m for m in models if m.deps]
+    # upstream model -> how many of `models` read it by its blocks (a build after its own)
+    readers = {d: sum(w.block_from == d for w in waiting) for d in {d for m in waiting for d in m.deps}}
     with db.connect(cfg, autocommit=True) as conn:
-        shareable = [m for m in models if m.shared_sql and value(conn, "build_state", (m.name,)) is None
-                     and not _calls_aggregate(conn, m)]
-        groups = _groups(conn, cfg, shareable) if len(shareable) > 1 else []
+        shareable = [m for m in models if not m.deps and m.shared_sql
+                     and value(conn, "build_state", (m.name,)) is None and not _calls_aggregate(conn, m)]
+        groups = _groups(conn, cfg, shareable, readers) if len(shareable) > 1 else []
     groups = [g for g in groups if g]
     grouped = {m.name for g in groups for m in g}
-    tasks = groups + [[m] for m in models if m.name not in grouped]
+    tasks = groups + [[m] for m in models if not m.deps and m.name not in grouped]
 
-    def build(group: list[Model]) -> dict[str, Built]:
+    def build(group: list[Model], snap: str) -> dict[str, Built]:
         started = time.monotonic()
         try:
             with db.connect(cfg, autocommit=True) as conn:
                 if len(group) > 1:
-                    built = _build_shared(conn, cfg, group, snapshot, aggregates, should_stop)
+                    built = _build_shared(conn, cfg, group, snap, aggregates, should_stop)
                 else:
-                    one = _build(conn, cfg, group[0], group[0].name, snapshot, aggregates.get(group[0].name, []),
+                    one = _build(conn, cfg, group[0], group[0].name, snap, aggregates.get(group[0].name, []),
                                  should_stop)
                     built = {} if one is None else {group[0].name: one}
+                for name in built.keys() & readers.keys():  # its dependants are planned with them
+                    analyze(conn, name)
         except (psycopg.Error, PostgresUnavailable) as exc:
             log.warning("model build side by side failed names=%s error=%s (built again in its turn)",
                         ",".join(m.name for m in group), first_line(exc))
@@ -173,20 +186,45 @@ def _build_side_by_side(cfg: Config, models: list[Model], snapshot: str, aggrega
             one.seconds = time.monotonic() - started
         return built
 
+    out: dict[str, Built] = {}
+    finished: set[str] = set()
     with ThreadPoolExecutor(BUILD_WORKERS, thread_name_prefix="chtsync-build") as pool:
-        return {name: one for built in pool.map(build, tasks) for name, one in built.items()}
+        running = {pool.submit(build, task, snapshot): task for task in tasks}
+
+        def start_ready() -> None:
+            for m in list(waiting):
+                ours = [d for d in m.deps if d in names]
+                if should_stop() or any(d in finished and d not in out for d in ours):
+                    waiting.remove(m)  # stopped, or an upstream failed: the round deals with it
+                elif all(d in out for d in ours):
+                    waiting.remove(m)
+                    snap = min([snapshot] + [out[d].snapshot for d in ours]
+                               + [upstream[d] for d in m.deps if d in upstream], key=_age)
+                    running[pool.submit(build, [m], snap)] = [m]
+
+        start_ready()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                out.update(future.result())
+                finished.update(m.name for m in running.pop(future))
+            start_ready()
+    return out
 
 
-def _groups(conn: psycopg.Connection, cfg: Config, models: list[Model]) -> list[list[Model]]:
+def _groups(conn: psycopg.Connection, cfg: Config, models: list[Model],
+            readers: dict[str, int]) -> list[list[Model]]:
     """`models` in BUILD_WORKERS groups of about equal cost, each to be built by one shared read,
     fewer when there are fewer models. A model's cost is the time it takes to derive and insert
     (rolled back, its indexes dropped as the build drops them) its rows of SAMPLE_RANGES ranges
-    spread over the raw table, less the cheapest model's (what the read itself costs every one);
-    the costliest first, each to the group with the least so far. A model failing there is left
-    out: built alone, its error is recorded in its turn, and it stops no other build."""
+    spread over the raw table, less the cheapest model's (what the read itself costs every one),
+    as much again for each model to be built by its blocks after it (`readers`; its connection
+    builds that one: at 10M, contact_hierarchy took 44 s after contact's own 32 s); the costliest
+    first, each to the group with the least so far. A model failing there is left out: built
+    alone, its error is recorded in its turn, and it stops no other build."""
     blocks, _ = conn.execute(q("raw_blocks"), (cfg.schema, cfg.table)).fetchone()
     total = value(conn, "raw_documents", (cfg.schema, cfg.table), table=db.table_ident(cfg))
-    step = max(1, int(SHARED_BUILD_ROWS * blocks / max(total, 1)))
+    step = _blocks_for(SHARED_BUILD_ROWS, blocks, total)
     starts = sorted({blocks * i // SAMPLE_RANGES for i in range(SAMPLE_RANGES)})
 
     def sample(m: Model) -> float | None:
@@ -214,12 +252,13 @@ def _groups(conn: psycopg.Connection, cfg: Config, models: list[Model]) -> list[
     if len(models) < 2 or BUILD_WORKERS < 2:
         return [models] if len(models) > 1 else []
     floor = min(cost.values())
+    weight = {m.name: (cost[m.name] - floor) * (1 + readers.get(m.name, 0)) for m in models}
     groups: list[list[Model]] = [[] for _ in range(min(BUILD_WORKERS, len(models)))]
     loads = [0.0] * len(groups)
-    for m in sorted(models, key=lambda m: cost[m.name], reverse=True):
+    for m in sorted(models, key=lambda m: weight[m.name], reverse=True):
         i = loads.index(min(loads))
         groups[i].append(m)
-        loads[i] += cost[m.name] - floor
+        loads[i] += weight[m.name]
     log.info("model builds shared groups=%s sampled_ms=%s", " ".join(",".join(m.name for m in g) for g in groups),
              ",".join(f"{m.name}:{cost[m.name] * 1000:.0f}" for m in models))
     return [sorted(g, key=models.index) for g in groups]
@@ -257,7 +296,7 @@ def _build_shared(conn: psycopg.Connection, cfg: Config, models: list[Model], sn
         inserts=sql.SQL(", ").join(q("build_shared_insert", cte=cte, model=sql.Identifier(m.name),
                                      body=sql.SQL(m.shared_sql)) for cte, m in zip(ctes, models, strict=True)),
         counts=sql.SQL(", ").join(q("build_shared_count", cte=cte) for cte in ctes))
-    step = max(1, int(SHARED_BUILD_ROWS * blocks / max(total, 1)))
+    step = _blocks_for(SHARED_BUILD_ROWS, blocks, total)
     rows, block, docs = [0] * len(models), 0, 0
     started = logged = time.monotonic()
     log.info("model build shared started names=%s docs=%d", ",".join(names), total)
@@ -332,7 +371,7 @@ def _build(conn: psycopg.Connection, cfg: Config, model: Model, into: str, snaps
             conn.execute(q("build_start"), {"name": model.name, "snapshot": snapshot, "blocks": blocks,
                                             "filenode": now_filenode, "into": into, "hash": model.hash,
                                             "total": total})
-    step = max(1, int(BUILD_ROWS * blocks / max(total, 1)))
+    step = _blocks_for(BUILD_ROWS, blocks, total)
     started, block_before = time.monotonic(), block
     while block < blocks:
         if should_stop():
@@ -394,14 +433,23 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
     # The models' SQL is planned with the raw table's statistics: bring them up to date first.
     analyze_due(cfg, conn, [cfg.table])
 
-    # Models never built that read only the raw table: built side by side before the round
-    # (the round then records each in its turn, with the catch-up of a batched build).
-    firsts = [m for m in pipeline.models.values()
-              if first_builds and of(m.kind).by_document and not m.deps and m.name in states
-              and states[m.name].snapshot is None and states[m.name].hash == m.hash]
-    prebuilt = _build_side_by_side(cfg, firsts, snapshot, aggregates, should_stop) if len(firsts) > 1 else {}
-    if should_stop():
-        return [RefreshResult(m.name, m.kind, "building") for m in firsts if m.name not in prebuilt]
+    # Models never built, reading the raw table and models built before or among these: built
+    # side by side before the round (which then records each in its turn, with the catch-up of
+    # a batched build). A model reading a view, or a model whose test of severity error failed
+    # or has yet to run (it would hold the dependants back), is built in its turn.
+    built_before = {n: st.snapshot for n, st in states.items()
+                    if st.snapshot is not None and n not in held and n in pipeline.models
+                    and of(pipeline.models[n].kind).by_document}
+    firsts: list[Model] = []
+    for m in pipeline.models.values():  # upstream first
+        ready = {f.name for f in firsts if not _may_hold(f)} | built_before.keys()
+        if (first_builds and of(m.kind).by_document and m.name in states and states[m.name].snapshot is None
+                and states[m.name].hash == m.hash and ready.issuperset(m.deps)):
+            firsts.append(m)
+    prebuilt = (_build_side_by_side(cfg, firsts, snapshot, aggregates, should_stop, built_before)
+                if len(firsts) > 1 else {})
+    if should_stop():  # those built are recorded next round (their builds resume complete)
+        return [RefreshResult(m.name, m.kind, "building") for m in firsts]
 
     def raw_changed_since(snap: str) -> bool:
         if snap not in raw_changed:
@@ -525,6 +573,11 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
     if applied and not should_stop():
         datatests.run(conn, pipeline, applied)
     return results
+
+
+def _may_hold(model: Model) -> bool:
+    """A test of severity error could hold the model's dependants back once it is built."""
+    return any(t.severity == "error" for t in model.spec.tests)
 
 
 def _points_to(model: Model, models: set[str]) -> bool:
