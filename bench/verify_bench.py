@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import bisect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def rev(i: int, gen: int = 1) -> str:
 
 
 class CannedCouch:
-    """Just enough of CouchDB for verify: GET /db, GET/POST /db/_all_docs, from memory."""
+    """Just enough of CouchDB for verify: GET /db, POST /db/_all_docs (a page, or keys), from memory."""
 
     def __init__(self, revs: dict[str, str]) -> None:
         self.ids = sorted(revs)  # plain ASCII ids: bytewise order = CouchDB's collation
@@ -65,15 +66,16 @@ class CannedCouch:
         if path == "/medic":
             return httpx.Response(200, json={
                 "doc_count": len(self.ids), "doc_del_count": 0, "update_seq": f"{len(self.ids)}-g1"})
-        if path == "/medic/_all_docs" and request.method == "GET":
+        query = json.loads(request.content) if request.method == "POST" else {}
+        if path == "/medic/_all_docs" and "keys" not in query:  # a page from start_key (in the body)
             limit = int(request.url.params.get("limit", "10000"))
-            start = request.url.params.get("start_key")
-            lo = bisect.bisect_left(self.ids, json.loads(start)) if start else 0
+            start = query.get("start_key")
+            lo = bisect.bisect_left(self.ids, start) if start is not None else 0
             body = (f'{{"total_rows":{len(self.ids)},"offset":{lo},"rows":['
                     + ",".join(self.rows[lo:lo + limit]) + "]}")
             return httpx.Response(200, content=body.encode())
-        if path == "/medic/_all_docs" and request.method == "POST":
-            keys = json.loads(request.content)["keys"]
+        if path == "/medic/_all_docs":
+            keys = query["keys"]
             docs = request.url.params.get("include_docs") == "true"
             rows: list[dict[str, Any]] = []
             for key in keys:
@@ -203,6 +205,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
 
+    load = os.getloadavg()[0]  # other work on the machine slows every row alike
     canned = bench_canned(args.docs)
     print("canned done", fmt(canned["plain"]), flush=True)
     pouch = bench_pouch(args.couch_docs)
@@ -211,7 +214,8 @@ def main() -> None:
     rate = c["n"] / c["plain"].seconds
     body = "\n".join([
         f"`python bench/verify_bench.py --docs {args.docs} --couch-docs {args.couch_docs}` on"
-        f" {machine(ADMIN_DSN)}, {time.strftime('%Y-%m-%d')}. Pages of {verify.PAGE_SIZE:,} `_all_docs`"
+        f" {machine(ADMIN_DSN)}, {time.strftime('%Y-%m-%d')}; 1-minute load average when it began:"
+        f" {load:.1f} (other work on the machine slows every row alike). Pages of {verify.PAGE_SIZE:,} `_all_docs`"
         " rows (ids and winning revisions, no bodies), each inserted into a temporary table as one"
         " jsonb parameter; one join with the source's rows at the end finds the candidates, which"
         " are then rechecked by id on both sides.",
