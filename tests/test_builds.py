@@ -596,6 +596,33 @@ def test_models_reading_models_are_built_side_by_side_once_their_upstream_is(
     assert pg.execute("SELECT parent_name FROM tree2 WHERE uuid = 'p101'").fetchone() == ("Flo",)
 
 
+def test_a_model_built_in_one_statement_from_a_model_the_round_then_refreshes_is_caught_up(
+        pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs) -> None:
+    """Built side by side in one statement (a small upstream) from a model with writes still to
+    refresh: the round refreshes the upstream after, and the model derives those documents
+    again, instead of keeping the upstream's old rows until its next change."""
+    models.set("people", "SELECT _id AS uuid, source, doc ->> 'name' AS name, doc ->> 'parent' AS parent"
+               " FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person'",
+               kind="incremental", unique_key=["uuid", "source"])
+    docs.put(*(person(i, f"N{i}", parent=i - 1 if i % 3 else None) for i in range(40)))
+    pg.execute("ANALYZE couchdb")
+    pipeline.apply(cfg, pg)
+    assert {r.status for r in pipeline.refresh_once(cfg, pg)} == {"ok"}
+    docs.put(person(0, "Bob"))  # p001's parent renamed; people has not seen it yet
+    docs.delete("p002")
+    models.set("tree", "SELECT c.uuid, c.source, c.parent, p.name AS parent_name FROM people AS c"
+               " LEFT JOIN people AS p ON p.uuid = c.parent AND p.source = c.source",
+               kind="incremental", unique_key=["uuid", "source"], reference_keys=["parent"])
+    models.set("names", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb", kind="incremental",
+               unique_key=["uuid"])
+    pipeline.apply(cfg, pg)
+    results = by_name(pipeline.refresh_once(cfg, pg))
+    assert {r.status for r in results.values()} == {"ok"}
+    assert pg.execute("SELECT parent_name FROM tree WHERE uuid = 'p001'").fetchone() == ("Bob",)
+    assert pg.execute("SELECT count(*) FROM tree WHERE uuid = 'p002'").fetchone() == (0,)
+    assert_exact(pg, cfg)
+
+
 def test_a_shared_build_stopped_by_a_rewritten_table_starts_over_alone(
         pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs, small: None,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -175,6 +175,10 @@ def _build_side_by_side(cfg: Config, models: list[Model], snapshot: str, aggrega
                 else:
                     one = _build(conn, cfg, group[0], group[0].name, snap, aggregates.get(group[0].name, []),
                                  should_stop)
+                    if one is not None and group[0].deps:
+                        # read its upstreams before the round caught them up: even a build in
+                        # one statement must derive the documents written since `snap` again
+                        one.batched = True
                     built = {} if one is None else {group[0].name: one}
                 for name in built.keys() & readers.keys():  # its dependants are planned with them
                     analyze(conn, name)
@@ -448,7 +452,7 @@ def _run(cfg: Config, conn: psycopg.Connection, pipeline: Pipeline, force: bool,
             firsts.append(m)
     prebuilt = (_build_side_by_side(cfg, firsts, snapshot, aggregates, should_stop, built_before)
                 if len(firsts) > 1 else {})
-    if should_stop():  # those built are recorded next round (their builds resume complete)
+    if should_stop():  # recorded next round: a batched build resumes complete, others build again
         return [RefreshResult(m.name, m.kind, "building") for m in firsts]
 
     def raw_changed_since(snap: str) -> bool:
