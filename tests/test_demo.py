@@ -140,6 +140,9 @@ class Demo:
             text=True,
             cwd=paths.home(),
             env={**os.environ, "COLUMNS": "200"},
+            # as from a terminal: a shell's background job (a CI started with `&`) ignores
+            # SIGINT, and an ignored signal stays ignored across exec, so Ctrl-C would be lost
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
