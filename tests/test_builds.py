@@ -64,6 +64,20 @@ def person(i: int, name: str = "Ann", parent: int | None = None) -> dict:
             **({"parent": f"p{parent:03}"} if parent is not None else {})}
 
 
+def set_people(models: ModelsFile) -> None:
+    """An incremental model of persons; about five rows per block (their pads)."""
+    models.set("people", "SELECT _id AS uuid, source, doc ->> 'name' AS name, doc ->> 'parent' AS parent,"
+               " doc ->> 'pad' AS pad FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person'",
+               kind="incremental", unique_key=["uuid", "source"])
+
+
+def set_tree(models: ModelsFile, name: str = "tree") -> None:
+    """An incremental model reading `people`: each person with its parent's name."""
+    models.set(name, "SELECT c.uuid, c.source, c.name, c.parent, p.name AS parent_name FROM people AS c"
+               " LEFT JOIN people AS p ON p.uuid = c.parent AND p.source = c.source",
+               kind="incremental", unique_key=["uuid", "source"], reference_keys=["parent"])
+
+
 def built(cfg: Config) -> list[graph.Model]:
     return [m for m in graph.load(cfg).models.values()]
 
@@ -386,17 +400,13 @@ def test_a_model_built_by_the_block_ranges_of_the_model_it_reads(
     contact) walks that model's blocks: one TID range scan per batch, not the ids of a raw range
     joined to the whole upstream. Writes between batches, an upstream refreshed in between (its
     rows move) and a renamed parent end exact."""
-    models.set("people", "SELECT _id AS uuid, source, doc ->> 'name' AS name, doc ->> 'parent' AS parent,"
-               " doc ->> 'pad' AS pad FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person'",
-               kind="incremental", unique_key=["uuid", "source"])  # about five rows per block
+    set_people(models)
     docs.put(*(person(i, f"N{i}", parent=i - 1 if i % 3 else None) for i in range(40)))
     pg.execute("ANALYZE couchdb")
     pipeline.apply(cfg, pg)
     assert {r.status for r in pipeline.refresh_once(cfg, pg)} == {"ok"}
     # added once people is built: built in its turn, so people can refresh between its batches
-    models.set("tree", "SELECT c.uuid, c.source, c.name, c.parent, p.name AS parent_name FROM people AS c"
-               " LEFT JOIN people AS p ON p.uuid = c.parent AND p.source = c.source",
-               kind="incremental", unique_key=["uuid", "source"], reference_keys=["parent"])
+    set_tree(models)
     m = graph.load(cfg, models.path).models
     assert (m["tree"].block_from, m["people"].block_from, m["by_name"].block_from) == ("people", "couchdb", "")
     assert "current_setting('chtsync.build_from')" in m["tree"].block_sql
@@ -525,12 +535,8 @@ def test_models_reading_models_are_built_side_by_side_once_their_upstream_is(
     build connection as soon as that model is built and analyzed, beside the other builds, and
     ends exact after writes in the middle of its build. One whose upstream failed, or whose
     upstream has a test of severity error (it could hold it back), is built in its turn."""
-    models.set("people", "SELECT _id AS uuid, source, doc ->> 'name' AS name, doc ->> 'parent' AS parent,"
-               " doc ->> 'pad' AS pad FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person'",
-               kind="incremental", unique_key=["uuid", "source"])  # about five rows per block
-    models.set("tree", "SELECT c.uuid, c.source, c.name, c.parent, p.name AS parent_name FROM people AS c"
-               " LEFT JOIN people AS p ON p.uuid = c.parent AND p.source = c.source",
-               kind="incremental", unique_key=["uuid", "source"], reference_keys=["parent"])
+    set_people(models)
+    set_tree(models)
     models.set("bad", "SELECT _id AS uuid, 1 / (length(doc ->> 'name') - 3) AS x FROM couchdb"
                " WHERE doc ->> 'type' = 'person'", kind="incremental", unique_key=["uuid"])
     models.set("over_bad", "SELECT b.uuid, b.x FROM bad AS b", kind="incremental", unique_key=["uuid"])
@@ -582,9 +588,7 @@ def test_models_reading_models_are_built_side_by_side_once_their_upstream_is(
     # Added later, beside a new model of the raw table: built at once on a build connection from
     # people as it stands (written to since its last round), then caught up by the round.
     docs.put(person(5, "Flo", parent=100), person(101, "Gus", parent=5))
-    models.set("tree2", "SELECT c.uuid, c.source, c.parent, p.name AS parent_name FROM people AS c"
-               " LEFT JOIN people AS p ON p.uuid = c.parent AND p.source = c.source",
-               kind="incremental", unique_key=["uuid", "source"], reference_keys=["parent"])
+    set_tree(models, "tree2")
     models.set("names", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb", kind="incremental",
                unique_key=["uuid"])
     pipeline.apply(cfg, pg)
@@ -601,18 +605,14 @@ def test_a_model_built_in_one_statement_from_a_model_the_round_then_refreshes_is
     """Built side by side in one statement (a small upstream) from a model with writes still to
     refresh: the round refreshes the upstream after, and the model derives those documents
     again, instead of keeping the upstream's old rows until its next change."""
-    models.set("people", "SELECT _id AS uuid, source, doc ->> 'name' AS name, doc ->> 'parent' AS parent"
-               " FROM couchdb WHERE NOT _deleted AND doc ->> 'type' = 'person'",
-               kind="incremental", unique_key=["uuid", "source"])
+    set_people(models)
     docs.put(*(person(i, f"N{i}", parent=i - 1 if i % 3 else None) for i in range(40)))
     pg.execute("ANALYZE couchdb")
     pipeline.apply(cfg, pg)
     assert {r.status for r in pipeline.refresh_once(cfg, pg)} == {"ok"}
     docs.put(person(0, "Bob"))  # p001's parent renamed; people has not seen it yet
     docs.delete("p002")
-    models.set("tree", "SELECT c.uuid, c.source, c.parent, p.name AS parent_name FROM people AS c"
-               " LEFT JOIN people AS p ON p.uuid = c.parent AND p.source = c.source",
-               kind="incremental", unique_key=["uuid", "source"], reference_keys=["parent"])
+    set_tree(models)
     models.set("names", "SELECT _id AS uuid, doc ->> 'name' AS name FROM couchdb", kind="incremental",
                unique_key=["uuid"])
     pipeline.apply(cfg, pg)
