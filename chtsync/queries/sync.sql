@@ -76,10 +76,12 @@ ON CONFLICT (source) DO UPDATE
 -- name: first_sync_page
 -- One _all_docs?include_docs page of a first sync, without moving the checkpoint: (rows,
 -- rows written, the page's last id: where the next page of its range starts).
-WITH page AS (SELECT %(page)s::jsonb AS body)
+-- OFFSET 0 keeps Postgres from pulling the subquery up (it did so with a CTE too): pulled up,
+-- the page's text was parsed into jsonb once per use, twice, about 30 us more per document.
 SELECT i.changes, i.written, page.body -> 'rows' -> -1 ->> 'id'
-FROM page, chtsync_ingest_v2(%(table)s::regclass, %(source)s,
-                             jsonb_build_object('results', page.body -> 'rows'), NULL, false) AS i
+FROM (SELECT %(page)s::jsonb AS body OFFSET 0) AS page,
+     chtsync_ingest_v2(%(table)s::regclass, %(source)s,
+                       jsonb_build_object('results', page.body -> 'rows'), NULL, false) AS i
 
 -- name: first_sync_progress
 -- Every key range before %(after)s is written (in this transaction with the rows that complete
