@@ -33,10 +33,11 @@ log = logging.getLogger("chtsync.pipeline")
 # trigger one refresh. A wake later than this after the last start refreshes at once.
 DEBOUNCE = 0.2
 # A round starts once no new rows came for QUIET seconds (QUIET_MAX after the wake at most): one
-# _bulk_docs lands on each shard of a CouchDB 3 database at its own moment and so reaches the
-# feed as two or more pages a few ms apart; without the wait each page got a round of its own.
-QUIET = 0.03
-QUIET_MAX = 0.2
+# _bulk_docs lands on each shard of a CouchDB 3 database at its own moment and so often reaches
+# the feed as two pages, the second one ingest and one request after the first (65-80 ms on a
+# slow 2-core server); without the wait each page got a round of its own.
+QUIET = 0.12
+QUIET_MAX = 0.3
 # While a source catches up with more than cfg.hold_pending changes to read, the models wait, at
 # most this many seconds between rounds: re-deriving ever more documents round after round would
 # take the cores from the sync, and a first build once caught up reads every document once.
