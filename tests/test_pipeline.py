@@ -647,6 +647,21 @@ def test_pipeline_lock_excludes_a_second_refresh(pg: psycopg.Connection, cfg: Co
     assert pipeline.refresh_once(cfg, pg, wait=False) != []
 
 
+def test_a_round_commits_without_waiting_for_the_wal_flush(pg: psycopg.Connection, cfg: Config,
+                                                            models: ModelsFile, docs: Docs) -> None:
+    """Models are derived: a round's commits need not wait for the disk (a crash loses only the
+    last ones, with the snapshots they recorded). The raw table's writers keep the default."""
+    base_models(models)
+    pipeline.apply(cfg, pg)
+    docs.put({"_id": "p1", "type": "person", "name": "Ann"})
+    with db.connect(cfg, autocommit=True) as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        assert by_name(pipeline.refresh_once(cfg, conn))["person"].status == "ok"
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        assert conn.execute("SELECT count(*) FROM person").fetchone() == (1,)
+    assert pg.execute("SHOW synchronous_commit").fetchone() == ("on",)
+
+
 def test_refresh_loop_wakes_on_new_data(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
                                         docs: Docs) -> None:
     base_models(models)

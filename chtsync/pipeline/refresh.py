@@ -627,6 +627,7 @@ def refresh_once(cfg: Config, conn: psycopg.Connection, force: bool = False, *, 
         elif not value(conn, "pipeline_try_lock", key):
             return []
         started = time.monotonic()
+        conn.execute(q("refresh_commits_async"))
         try:
             results = _run(cfg, conn, pipeline, force, should_stop, first_builds)
             worked = [r for r in results if r.status not in ("skipped", "waiting")]

@@ -7,6 +7,13 @@ SELECT pg_advisory_xact_lock(%s, %s)
 -- name: pipeline_lock
 SELECT pg_advisory_lock(%s, %s)
 
+-- name: refresh_commits_async
+-- A round's transactions do not wait for their WAL flush (one per model, 2-20 ms each on a slow
+-- disk). A model commits with the snapshot it records, and a crash loses only the last commits,
+-- never one without those before it: the models are left as they were a moment earlier, and
+-- the next round derives those documents again. Never on a connection that ingests.
+SELECT set_config('synchronous_commit', 'off', false)
+
 -- name: pipeline_try_lock
 SELECT pg_try_advisory_lock(%s, %s)
 
