@@ -688,50 +688,6 @@ def test_refresh_loop_wakes_on_new_data(pg: psycopg.Connection, cfg: Config, mod
     asyncio.run(scenario())  # filled well before the 3600 s interval: the wake did it
 
 
-def test_rows_arriving_a_few_ms_apart_get_one_round(pg: psycopg.Connection, cfg: Config, models: ModelsFile,
-                                                    docs: Docs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One _bulk_docs reaches the feed as a page per CouchDB shard, a few ms apart, and each page
-    wakes the loop: one round refreshes both, instead of a round per page."""
-    from chtsync.pipeline import refresh
-
-    base_models(models)
-    pipeline.apply(cfg, pg)
-    slow = make_config(pg.info.dbname, CHTSYNC_MODELS=str(models.path), DATAEMON_INTERVAL="3600")
-    rounds: list[int] = []
-    real = refresh._refresh_until_stop
-
-    async def counted(*args: Any, **kwargs: Any) -> None:
-        rounds.append(len(rounds))
-        await real(*args, **kwargs)
-
-    monkeypatch.setattr(refresh, "_refresh_until_stop", counted)
-
-    async def scenario() -> None:
-        stop, wake = asyncio.Event(), asyncio.Event()
-        loop = asyncio.create_task(pipeline.refresh_loop(slow, stop, wake))
-        await asyncio.to_thread(wait_until, lambda: pg.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid() AND state = 'idle' AND query LIKE '%pg_advisory_unlock%')"
-        ).fetchone()[0], 30, "the first refresh round")
-        await asyncio.sleep(0.3)  # past DEBOUNCE: a wake now starts a round at once
-        assert rounds == [0]
-        await asyncio.to_thread(docs.put, {"_id": "p1", "type": "person", "name": "Ann"},
-                                {"_id": "p2", "type": "person", "name": "Bob"})
-        wake.set()  # the first shard's page
-        await asyncio.sleep(0.01)
-        wake.set()  # the second's
-        started = time.monotonic()
-        while (await asyncio.to_thread(pg.execute, "SELECT count(*) FROM person")).fetchone() != (2,):
-            assert time.monotonic() - started < 10
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)  # a second round would have started by now
-        stop.set()
-        await asyncio.wait_for(loop, 10)
-
-    asyncio.run(scenario())
-    assert rounds == [0, 1]
-
-
 def test_cli(pg: psycopg.Connection, cfg: Config, models: ModelsFile, docs: Docs,
              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     for key, value in {"POSTGRES_HOST": cfg.postgres.host, "POSTGRES_PORT": str(cfg.postgres.port),

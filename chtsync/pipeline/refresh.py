@@ -32,12 +32,6 @@ log = logging.getLogger("chtsync.pipeline")
 # Seconds between the starts of two rounds while writes keep arriving: writes arriving together
 # trigger one refresh. A wake later than this after the last start refreshes at once.
 DEBOUNCE = 0.2
-# A round starts once no new rows came for QUIET seconds (QUIET_MAX after the wake at most): one
-# _bulk_docs lands on each shard of a CouchDB 3 database at its own moment and so often reaches
-# the feed as two pages, the second one ingest and one request after the first (65-80 ms on a
-# slow 2-core server); without the wait each page got a round of its own.
-QUIET = 0.12
-QUIET_MAX = 0.3
 # While a source catches up with more than cfg.hold_pending changes to read, the models wait, at
 # most this many seconds between rounds: re-deriving ever more documents round after round would
 # take the cores from the sync, and a first build once caught up reads every document once.
@@ -665,8 +659,7 @@ def initial_sync(hold_pending: int, sources: Iterable[tuple[str, str, int | None
 async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event,
                        catching_up: Callable[[], str | None] = lambda: None) -> None:
     """The service's refresh: every cfg.refresh_interval seconds and, when `wake` is set (new
-    rows committed), at once or DEBOUNCE seconds after the last round started, once rows stop
-    coming for QUIET seconds, until `stop`.
+    rows committed), at once or DEBOUNCE seconds after the last round started, until `stop`.
     While `catching_up()` gives a reason, rounds wait for it to end (HOLD_SECONDS at most).
     Database errors are logged and retried; a broken models file is reported once and left alone
     until the file changes."""
@@ -698,21 +691,9 @@ async def refresh_loop(cfg: Config, stop: asyncio.Event, wake: asyncio.Event,
             wait = last_round + DEBOUNCE - time.monotonic()
             if wake.is_set() and not stop.is_set() and wait > 0:
                 await _wait_any(wait, stop)
-            if wake.is_set():
-                await _quiet(stop, wake)
     finally:
         if conn is not None:
             await asyncio.to_thread(conn.close)
-
-
-async def _quiet(stop: asyncio.Event, wake: asyncio.Event) -> None:
-    """Wait until no new rows came for QUIET seconds, QUIET_MAX at most."""
-    deadline = time.monotonic() + QUIET_MAX
-    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
-        wake.clear()
-        await _wait_any(min(QUIET, left), stop, wake)
-        if not wake.is_set():
-            return
 
 
 async def _hold(catching_up: Callable[[], str | None], stop: asyncio.Event,
