@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import machine, write_section
+from bench.run_bench import cpu_seconds
 from bench.sync_bench import ADMIN_DSN, BENCH_DB, docs, fresh_db, make_cfg, pages
 from chtsync import db, migrate
 from chtsync.store import Store
@@ -49,11 +49,6 @@ def all_docs_pages(texts: list[str]) -> list[bytes]:
     return out
 
 
-def backend_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(write: Callable[[psycopg.AsyncConnection, Store], Awaitable[None]]) -> tuple[float, float]:
     """(wall seconds, backend CPU seconds) of `write` on a fresh, migrated database."""
     fresh_db()
@@ -63,9 +58,9 @@ def measure(write: Callable[[psycopg.AsyncConnection, Store], Awaitable[None]]) 
     async def run() -> tuple[float, float]:
         conn = await db.connect_async(cfg, autocommit=True)
         pid = conn.info.backend_pid
-        cpu, started = backend_cpu(pid), time.perf_counter()
+        cpu, started = cpu_seconds(pid), time.perf_counter()
         await write(conn, Store(cfg))
-        result = time.perf_counter() - started, backend_cpu(pid) - cpu
+        result = time.perf_counter() - started, cpu_seconds(pid) - cpu
         await conn.close()
         return result
 
@@ -77,12 +72,12 @@ def copy_floor(texts: list[str]) -> tuple[float, float]:
         conn.execute("CREATE TABLE plain (doc jsonb)")
         conn.commit()
         pid = conn.info.backend_pid
-        cpu, started = backend_cpu(pid), time.perf_counter()
+        cpu, started = cpu_seconds(pid), time.perf_counter()
         with conn.cursor() as cur, cur.copy("COPY plain (doc) FROM STDIN") as copy:
             for text in texts:
                 copy.write_row((text,))
         conn.commit()
-        return time.perf_counter() - started, backend_cpu(pid) - cpu
+        return time.perf_counter() - started, cpu_seconds(pid) - cpu
 
 
 def main() -> int:

@@ -650,7 +650,8 @@ def test_pipeline_lock_excludes_a_second_refresh(pg: psycopg.Connection, cfg: Co
 def test_a_round_commits_without_waiting_for_the_wal_flush(pg: psycopg.Connection, cfg: Config,
                                                             models: ModelsFile, docs: Docs) -> None:
     """Models are derived: a round's commits need not wait for the disk (a crash loses only the
-    last ones, with the snapshots they recorded). The raw table's writers keep the default."""
+    last ones, with the snapshots they recorded). Only the round's own session is changed: a
+    connection that refreshed nothing keeps the server's default."""
     base_models(models)
     pipeline.apply(cfg, pg)
     docs.put({"_id": "p1", "type": "person", "name": "Ann"})
