@@ -16,6 +16,8 @@ Usage: python bench/real_run_bench.py --docs 200000 [--latency-seconds 30] [--id
        [--no-feed] (leave out the feed-alone sync: at 10M it is half an hour more)
        [--no-rebuilds] (leave out the second first build of every model: the run's own first
        builds, from its log, are reported either way)
+       [--chunk-buffer BYTES] (set the server's `[httpd] chunked_response_buffer` first: the
+       baseline and the run read with it; its own section in docs/benchmarks.md)
 (10M: `--docs 10000000 --baseline-docs 2000000 --no-feed --no-rebuilds`; CouchDB needs ~2.5 KB
 of disk per document, Postgres about as much.)
 """
@@ -195,9 +197,20 @@ def loaded(url: str) -> int:
     return r.json().get("doc_count", 0) if r.status_code == 200 else 0
 
 
+def chunk_buffer(url: str, size: int | None) -> str:
+    """The server's `[httpd] chunked_response_buffer` (set to `size` first, when given): how many
+    bytes of rows CouchDB gathers into one HTTP chunk of a streamed answer (1490 by default)."""
+    path = f"{url}/_node/_local/_config/httpd/chunked_response_buffer"
+    with httpx.Client(auth=AUTH, timeout=30) as client:
+        if size is not None:
+            client.put(path, json=str(size)).raise_for_status()
+        answer = client.get(path)
+    return answer.json() if answer.status_code == 200 else "1490 (the default)"
+
+
 def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str | None = None,
           run_only: bool = False, baseline_docs: int | None = None, feed: bool = True,
-          rebuilds: bool = True) -> dict[str, object]:
+          rebuilds: bool = True, buffer: int | None = None) -> dict[str, object]:
     global AUTH
     out: dict[str, object] = {"docs": docs, "load": os.getloadavg()[0]}
     server: CouchDBServer | ExternalCouchDB = (
@@ -211,6 +224,7 @@ def bench(docs: int, latency_seconds: float, idle_seconds: float, couch_url: str
                                    "--couchdb-url", url], env=env(url), cwd=ROOT,
                                   capture_output=True, text=True, check=True)
             print(load.stdout.strip() or load.stderr.strip().splitlines()[-1], flush=True)
+        out["chunk_buffer"] = chunk_buffer(url, buffer)
         out["changes_docs"], out["changes_rate"] = changes_rate(url, "medic", baseline_docs)
         out["baseline_docs"] = baseline_docs
         if feed and not run_only:  # the same sync from the feed alone (one _changes stream)
@@ -308,6 +322,7 @@ def report(r: dict[str, object], command: str) -> str:
         f" documents from `chtsync sample`, 2 cores; 1-minute load average when the run began:"
         f" {r['load']:.1f} (other work on the machine slows every row alike).", "",
         "| measure | value |", "|---|---:|",
+        f"| CouchDB's `[httpd] chunked_response_buffer` (bytes of rows per HTTP chunk) | {r['chunk_buffer']} |",
         f"| CouchDB's own `_changes?include_docs=true`, pages of 1000 (medic"
         f"{f', first {b:,} documents' if (b := r.get('baseline_docs')) else ''}) | {r['changes_rate']:,.0f} docs/s |",
         *([f"| the feed alone: `chtsync sync --once` of medic with `FIRST_SYNC_READERS=1` (process start and"
@@ -356,21 +371,25 @@ def main() -> int:
     parser.add_argument("--no-feed", action="store_true", help="leave out the feed-alone sync --once")
     parser.add_argument("--no-rebuilds", action="store_true",
                         help="leave out the second first build of every model (run stopped)")
+    parser.add_argument("--chunk-buffer", type=int, metavar="BYTES",
+                        help="set the server's [httpd] chunked_response_buffer before the baseline and the run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--run-only", action="store_true",
                         help="stop after the run's measures (sync, models, idle CPU, latency); implies --no-write")
     args = parser.parse_args()
     result = bench(args.docs, args.latency_seconds, args.idle, args.couchdb_url, args.run_only,
-                   args.baseline_docs, not args.no_feed, not args.no_rebuilds)
+                   args.baseline_docs, not args.no_feed, not args.no_rebuilds, args.chunk_buffer)
     print(result, flush=True)
     if args.run_only:
         return 0
     flags = (f" --baseline-docs {args.baseline_docs}" if args.baseline_docs else "") + (
-        " --no-feed" if args.no_feed else "") + (" --no-rebuilds" if args.no_rebuilds else "")
+        " --no-feed" if args.no_feed else "") + (" --no-rebuilds" if args.no_rebuilds else "") + (
+        f" --chunk-buffer {args.chunk_buffer}" if args.chunk_buffer else "")
     text = report(result, f"python bench/real_run_bench.py --docs {args.docs}{flags}")
     print(text)
     if not args.no_write:
-        write_section(f"The real run ({args.docs:,} documents)", text)
+        buffered = f", chunked_response_buffer {args.chunk_buffer}" if args.chunk_buffer else ""
+        write_section(f"The real run ({args.docs:,} documents{buffered})", text)
     return 0
 
 
