@@ -119,7 +119,12 @@ def start(runtime: Runtime) -> ThreadingHTTPServer:
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                self._send(200, b"ok\n", "text/plain")
+                # Healthy means prepared: a container that depends on chtsync (superset-import)
+                # must not start before the models exist.
+                if runtime.prepared:
+                    self._send(200, b"ok\n", "text/plain")
+                else:
+                    self._send(503, b"preparing: migrations and models not applied yet\n", "text/plain")
             elif path == "/readyz":
                 ok, detail = ready(runtime)
                 self._send(200 if ok else 503, json.dumps(detail).encode() + b"\n", "application/json")

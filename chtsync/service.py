@@ -37,6 +37,7 @@ class Runtime:
     models: list[dict] = field(default_factory=list)  # model rows of `status`, for metrics
     model_errors: dict[str, int] = field(default_factory=dict)
     postgres_ok: bool = False
+    prepared: bool = False  # migrations and the model plan applied: /healthz answers 200 from then on
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -124,7 +125,7 @@ async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
         if server is not None:
             server.shutdown()
         raise
-    runtime.postgres_ok = True
+    runtime.postgres_ok = runtime.prepared = True
     wake = asyncio.Event()
     tasks = [
         asyncio.create_task(follow_all(cfg, stop, once=once, runtime=runtime), name="followers"),

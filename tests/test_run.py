@@ -16,7 +16,7 @@ import psycopg
 
 from chtsync import state
 from tests.conftest import PG_HOST, PG_PORT, make_config
-from tests.servers import CouchAdmin, free_port
+from tests.servers import CouchAdmin, TcpProxy, free_port
 from tests.syncutil import assert_equal, wait_until
 
 
@@ -165,3 +165,42 @@ def test_models_wait_for_the_initial_sync(couch: CouchAdmin, couch_server, dbnam
                           output)) == 1, output
     first = re.search(r"model refreshed name=data_record kind=incremental rows=(\d+) changed=None", output)
     assert first and int(first.group(1)) >= docs - hold - batch, first
+
+
+def test_healthz_waits_for_postgres_migrations_and_models(couch: CouchAdmin, couch_server, dbname: str,
+                                                         pg: psycopg.Connection, tmp_path) -> None:
+    """/healthz is what a container health check and compose's `service_healthy` wait for: 503
+    while Postgres is not up yet (chtsync waits for it), 200 only once the model plan is applied,
+    so superset-import never starts before the models exist."""
+    couch.create_db("medic")
+    couch.bulk("medic", [report(i) for i in range(10)])
+    proxy = TcpProxy(PG_HOST, PG_PORT)
+    proxy.refusing = True  # accepts and hangs up at once, as a Postgres still starting does
+    port = free_port()
+    env = dict(os.environ, COUCHDB_URL=couch_server.url, COUCHDB_USER=couch_server.auth[0],
+               COUCHDB_PASSWORD=couch_server.auth[1], COUCHDB_DBS="medic", POSTGRES_HOST="127.0.0.1",
+               POSTGRES_PORT=str(proxy.port), POSTGRES_USER="postgres", POSTGRES_DB=dbname,
+               CHTSYNC_CONFIG=os.devnull, METRICS_PORT=str(port), LOG_LEVEL="INFO")
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env, stdout=log, stderr=log)
+
+    def healthz() -> httpx.Response | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        except httpx.TransportError:
+            return None
+
+    try:
+        wait_until(lambda: "retrying in" in log_path.read_text(), timeout=30, what="the wait for Postgres")
+        answer = healthz()
+        assert answer is not None and answer.status_code == 503 and b"preparing" in answer.content
+        proxy.refusing = False
+        wait_until(lambda: (r := healthz()) is not None and r.status_code == 200, timeout=60, what="healthy")
+        # Healthy implies the models are there (created empty or built: either way they exist).
+        assert pg.execute("SELECT to_regclass('data_record') IS NOT NULL").fetchone() == (True,)
+        assert pg.execute("SELECT count(*) FROM chtsync_models").fetchone()[0] > 10
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        proxy.close()
