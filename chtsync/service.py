@@ -85,21 +85,25 @@ async def _listen(cfg: Config, stop: asyncio.Event, wake: asyncio.Event) -> None
                 await asyncio.wait_for(stop.wait(), 2.0)
 
 
-async def prepare(cfg: Config, *, models: bool = True) -> None:
-    """Apply pending migrations and the model plan (both locked), retrying while Postgres is down."""
+async def prepare(cfg: Config, stop: asyncio.Event, *, models: bool = True) -> bool:
+    """Apply pending migrations and the model plan (both locked), retrying while Postgres is down.
+    False when `stop` was set meanwhile (a SIGTERM while waiting for Postgres ends the process)."""
     delay = 1.0
     while True:
         try:
             await asyncio.to_thread(migrate.apply, cfg)
             if models:
                 await asyncio.to_thread(_apply_models, cfg)
-            return
+            return True
         except PostgresUnavailable as exc:
             # A server that is not up yet is waited for; a wrong password or database is not.
             if exc.permanent:
                 raise
             log.warning("%s; retrying in %.0f s", exc, delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return False
             delay = min(delay * 2, 30.0)
 
 
@@ -119,12 +123,15 @@ async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
     # Found before anything is written: a broken models file, a metrics address we cannot bind.
     pipeline.load(cfg)
     server = start_metrics(runtime) if cfg.metrics_port else None
+    prepared = False
     try:
-        await prepare(cfg)
-    except BaseException:
-        if server is not None:
+        prepared = await prepare(cfg, stop)
+    finally:
+        if not prepared and server is not None:
             server.shutdown()
-        raise
+    if not prepared:
+        log.info("stopped before Postgres could be reached")
+        return 0
     runtime.postgres_ok = runtime.prepared = True
     wake = asyncio.Event()
     tasks = [

@@ -3,6 +3,7 @@ by the service itself, status and metrics read while it runs, clean SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -171,7 +172,8 @@ def test_healthz_waits_for_postgres_migrations_and_models(couch: CouchAdmin, cou
                                                          pg: psycopg.Connection, tmp_path) -> None:
     """/healthz is what a container health check and compose's `service_healthy` wait for: 503
     while Postgres is not up yet (chtsync waits for it), 200 only once the model plan is applied,
-    so superset-import never starts before the models exist."""
+    so superset-import never starts before the models exist. A SIGTERM during that wait stops
+    `run` and `sync` at once."""
     couch.create_db("medic")
     couch.bulk("medic", [report(i) for i in range(10)])
     proxy = TcpProxy(PG_HOST, PG_PORT)
@@ -184,6 +186,7 @@ def test_healthz_waits_for_postgres_migrations_and_models(couch: CouchAdmin, cou
     log_path = tmp_path / "run.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env, stdout=log, stderr=log)
+    procs = [proc]
 
     def healthz() -> httpx.Response | None:
         try:
@@ -195,6 +198,19 @@ def test_healthz_waits_for_postgres_migrations_and_models(couch: CouchAdmin, cou
         wait_until(lambda: "retrying in" in log_path.read_text(), timeout=30, what="the wait for Postgres")
         answer = healthz()
         assert answer is not None and answer.status_code == 503 and b"preparing" in answer.content
+        # `docker compose stop` while Postgres is still away: a clean exit at once, not a SIGKILL
+        # 30 s later. `sync` waits the same way.
+        for command in (["run"], ["sync"]):
+            other_log = tmp_path / f"{command[0]}-stopped.log"
+            with open(other_log, "w") as log:
+                other = subprocess.Popen([sys.executable, "-m", "chtsync", *command], stdout=log, stderr=log,
+                                         env=dict(env, METRICS_PORT=""))
+            procs.append(other)
+            wait_until(lambda path=other_log: "retrying in" in path.read_text(), timeout=30, what=f"{command} waiting")
+            started = time.monotonic()
+            other.send_signal(signal.SIGTERM)
+            assert other.wait(10) == 0, other_log.read_text()
+            assert time.monotonic() - started < 5
         proxy.refusing = False
         wait_until(lambda: (r := healthz()) is not None and r.status_code == 200, timeout=60, what="healthy")
         # Healthy implies the models are there (created empty or built: either way they exist).
@@ -202,5 +218,9 @@ def test_healthz_waits_for_postgres_migrations_and_models(couch: CouchAdmin, cou
         assert pg.execute("SELECT count(*) FROM chtsync_models").fetchone()[0] > 10
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        for p in procs:  # none left behind, whatever failed
+            if p.poll() is None:
+                p.kill()
         proxy.close()

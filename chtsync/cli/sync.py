@@ -54,7 +54,8 @@ async def _sync(args: argparse.Namespace) -> list[SourceStats]:
     stop = asyncio.Event()
     remove = service.install_signal_handlers(stop)
     try:
-        await service.prepare(cfg, models=False)
+        if not await service.prepare(cfg, stop, models=False):
+            return []  # stopped while waiting for Postgres: nothing was followed
         return await service.follow_all(cfg, stop, once=args.once)
     finally:
         remove()
