@@ -212,6 +212,14 @@ def _ident(key: str, value: Any) -> str:
     return text
 
 
+def _schema(value: Any) -> str:
+    name = _ident("POSTGRES_SCHEMA", value)
+    if name.startswith("pg_") or name == "information_schema":
+        raise ConfigError(f"POSTGRES_SCHEMA: {name!r} is one of Postgres's own schemas: use a schema of"
+                          " chtsync's own, e.g. v1")
+    return name
+
+
 def _dbs(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, dict):
         raise ConfigError(f"{key}: expected a list of CouchDB databases, got a YAML mapping")
@@ -232,17 +240,33 @@ def _secret(key: str, direct: Any, file_key: str, file_value: Any) -> str | None
     """A password given directly or, Docker-secrets style, as the path of a file holding it."""
     if file_value:
         try:
-            return Path(str(_scalar(file_key, file_value))).read_text(encoding="utf-8").rstrip("\r\n")
+            secret = Path(str(_scalar(file_key, file_value))).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"{file_key}: cannot read {file_value}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{file_key}: {file_value} is not UTF-8 text: write the password in UTF-8"
                               ) from None
+        if not secret:
+            raise ConfigError(f"{file_key}: {file_value} is empty: write the password in it")
+        return secret
     return None if direct is None else str(_scalar(key, direct))
+
+
+def _userinfo_spills(key: str, url: str) -> None:
+    """Refuse a URL with an '@' after its host part: a '/', '?' or '#' in the user name or
+    password ended the host part early, so the password would be read as a host, port, path or
+    database, and shown in errors and logs. The URL is not echoed: it holds the password."""
+    rest = url.strip().split("//", 1)[1] if "//" in url else ""
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    if "@" in rest[end:]:
+        raise ConfigError(f"{key}: the user name or password holds a '/', '?' or '#' (or the path an '@'):"
+                          " percent-encode them in the URL (%2F, %3F, %23, %40), or give the password"
+                          " in its own setting")
 
 
 def _split_url(key: str, url: str) -> tuple[str, str | None, str | None]:
     """Return (url without credentials, user, password)."""
+    _userinfo_spills(key, url)
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{key}: expected http(s)://host:port, got a value that is not a URL")
@@ -356,6 +380,8 @@ def _postgres(data: Mapping[str, Any], env: Mapping[str, str]) -> PostgresConfig
     if url:
         import psycopg.conninfo
 
+        if "://" in str(url):  # a URL, not a key=value connection string
+            _userinfo_spills("POSTGRES_URL", str(url))
         try:
             parsed = psycopg.conninfo.conninfo_to_dict(str(url))
         except psycopg.ProgrammingError:
@@ -381,7 +407,7 @@ def _postgres(data: Mapping[str, Any], env: Mapping[str, str]) -> PostgresConfig
         user=pick("POSTGRES_USER", "user", base.get("user")),
         password=password,
         dbname=pick("POSTGRES_DB", "db", base.get("dbname")),
-        schema=_ident("POSTGRES_SCHEMA", pick("POSTGRES_SCHEMA", "schema", "v1")),
+        schema=_schema(pick("POSTGRES_SCHEMA", "schema", "v1")),
         table=_ident("POSTGRES_TABLE", pick("POSTGRES_TABLE", "table", "couchdb")),
         extra=tuple(sorted(extra.items())),
     )
@@ -397,6 +423,8 @@ def yaml_file(path: Path, what: str, settings: str, error: type[ConfigError] = C
         raise error(f"{what} {path}: not UTF-8 text: save it as UTF-8") from None
     except OSError as exc:
         raise error(f"{what} {path}: {exc.strerror}") from None
+    except RecursionError:
+        raise error(f"{what} {path}: nested too deeply to read") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -464,7 +492,8 @@ def load(
             models = (file.parent / models).resolve()
     else:
         models = paths.default_models()
-    interval = env.get("CHTSYNC_INTERVAL") or env.get("DATAEMON_INTERVAL") or pipeline.get("interval", 5)
+    interval_key = next((k for k in ("CHTSYNC_INTERVAL", "DATAEMON_INTERVAL") if env.get(k)), "pipeline.interval")
+    interval = env.get(interval_key) or pipeline.get("interval", 5)
     metrics_port = env.get("METRICS_PORT") or metrics.get("port")
     verify_interval = env.get("VERIFY_INTERVAL") or verify.get("interval")
     level = str(env.get("LOG_LEVEL") or _scalar("log.level", logs.get("level", "INFO"))).upper()
@@ -482,7 +511,7 @@ def load(
         first_sync_readers=_int(*_pick(env, "FIRST_SYNC_READERS", sync, "sync.first_sync_readers", 4), 1, 16),
         first_sync_min_docs=_int(*_pick(env, "FIRST_SYNC_MIN_DOCS", sync, "sync.first_sync_min_docs", 50_000), 0),
         models=models,
-        refresh_interval=_float("DATAEMON_INTERVAL", interval, 0.1),
+        refresh_interval=_float(interval_key, interval, 0.1),
         hold_pending=_int(*_pick(env, "CHTSYNC_HOLD_PENDING", pipeline, "pipeline.hold_pending", 10_000)),
         metrics_port=None if metrics_port in (None, "") else _int("METRICS_PORT", metrics_port, 1, 65535),
         metrics_host=str(env.get("METRICS_HOST") or _scalar("metrics.host", metrics.get("host", "0.0.0.0"))),

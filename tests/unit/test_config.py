@@ -64,6 +64,13 @@ def test_password_files(tmp_path: Path) -> None:
     assert cfg.sources[0].password == "from-a-file"
     with pytest.raises(ConfigError, match="COUCHDB_PASSWORD_FILE: cannot read"):
         load(env={"COUCHDB_HOST": "h", "COUCHDB_PASSWORD_FILE": str(tmp_path / "nope")}, search=False)
+    (tmp_path / "empty").write_text("\n")  # an empty file is a mistake, not the empty password
+    with pytest.raises(ConfigError, match=r"COUCHDB_PASSWORD_FILE: .* is empty"):
+        load(env={"COUCHDB_HOST": "h", "COUCHDB_PASSWORD_FILE": str(tmp_path / "empty")}, search=False)
+    # percent-encoded, a '/' in a password is fine
+    cfg = load(env={"COUCHDB_URL": "http://u:a%2Fb@h:5984", "POSTGRES_URL": "postgresql://p:c%2Fd@db/cht"},
+               search=False)
+    assert cfg.sources[0].password == "a/b" and cfg.postgres.password == "c/d"
 
 
 @pytest.mark.parametrize(("env", "message"), [
@@ -91,6 +98,17 @@ def test_password_files(tmp_path: Path) -> None:
     ({"COUCHDB_HOST": "u@h"}, "COUCHDB_HOST: holds credentials"),
     ({"COUCHDB_HOST": "h", "POSTGRES_HOST": "u:secret@db"}, "POSTGRES_HOST: holds credentials"),
     ({"COUCHDB_HOST": "h", "COUCHDB_CA_FILE": "/nonexistent/ca.pem"}, "COUCHDB_CA_FILE: /nonexistent/ca.pem not found"),
+    # A '/', '?' or '#' in a password ends the URL's host part early: the password would be read
+    # as a path or a port and shown in errors. Refused without echoing the URL.
+    ({"COUCHDB_URL": "http://admin:12345/secret@127.0.0.1:5984"}, "COUCHDB_URL: the user name or password holds"),
+    ({"COUCHDB_URL": "http://admin:pa?secret@127.0.0.1:5984"}, "COUCHDB_URL: the user name or password holds"),
+    ({"COUCHDB_HOST": "h", "POSTGRES_URL": "postgresql://postgres:12345/secret@127.0.0.1/cht"},
+     "POSTGRES_URL: the user name or password holds"),
+    ({"COUCHDB_HOST": "h", "POSTGRES_URL": "postgresql://postgres:s3cr/secret@db/cht"},
+     "POSTGRES_URL: the user name or password holds"),
+    ({"COUCHDB_HOST": "h", "POSTGRES_SCHEMA": "pg_catalog"}, "POSTGRES_SCHEMA: 'pg_catalog' is one of Postgres's own"),
+    ({"COUCHDB_HOST": "h", "POSTGRES_SCHEMA": "information_schema"}, "'information_schema' is one of Postgres's own"),
+    ({"COUCHDB_HOST": "h", "CHTSYNC_INTERVAL": "abc"}, "CHTSYNC_INTERVAL: expected a number of seconds"),
 ])
 def test_clear_errors(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -111,6 +129,8 @@ def test_clear_errors(env: dict[str, str], message: str) -> None:
     ("couchdb: {host: h}\nsync: {first_sync_readers: 32}\n", "sync.first_sync_readers: must be between 1 and 16"),
     ("couchdb: {host: h}\nsync: {first_sync_min_docs: many}\n", "sync.first_sync_min_docs: expected a whole number"),
     ("couchdb: {host: h}\nsync: {batch_size: 0}\n", "sync.batch_size: must be between 1 and 10000"),
+    ("couchdb: {host: h}\npipeline: {interval: .nan}\n", "pipeline.interval: expected a finite number"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "c.yaml: nested too deeply to read"),
 ])
 def test_yaml_types(tmp_path: Path, yaml_text: str, message: str) -> None:
     file = tmp_path / "c.yaml"
