@@ -10,7 +10,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from chtsync import db, preflight, queries
-from chtsync.config import Config
+from chtsync.config import Config, ConfigError
 
 WITHHELD = ("chtsync_errors",)  # plus the raw table
 
@@ -21,6 +21,9 @@ def grant_reader(cfg: Config, role: str, password: str | None = None, with_raw: 
     ident = {"role": sql.Identifier(role), "schema": sql.Identifier(cfg.schema)}
     with db.connect(cfg) as conn, conn.transaction():
         preflight.require_migrated(cfg, conn)
+        if conn.execute(queries.get("role_writes_chtsync"), {"role": role, "schema": cfg.schema}).fetchone()[0]:
+            raise ConfigError(f"role {role} is chtsync's own Postgres user or owns its tables in schema"
+                              f" {cfg.schema}: give Superset a role of its own, e.g. superset_reader")
         preflight.require_create_role(conn, role)
         if not conn.execute(queries.get("role_exists"), (role,)).fetchone():
             conn.execute(queries.compose("create_role", **ident))

@@ -6,7 +6,8 @@ import psycopg
 import pytest
 
 from chtsync import grant, migrate
-from tests.conftest import PG_HOST, PG_PORT, make_config
+from chtsync.errors import ConfigError
+from tests.conftest import PG_HOST, PG_PORT, PG_USER, make_config
 
 
 def test_reader_reads_models_not_raw_documents(dbname: str, pg: psycopg.Connection) -> None:
@@ -33,3 +34,25 @@ def test_reader_reads_models_not_raw_documents(dbname: str, pg: psycopg.Connecti
         if pg.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
             pg.execute(f'DROP OWNED BY "{role}"')
             pg.execute(f'DROP ROLE "{role}"')
+
+
+def test_the_writer_itself_is_refused(dbname: str, pg: psycopg.Connection) -> None:
+    """grant-reader given chtsync's own user, or a role owning its tables, would revoke that
+    role's access to the raw table (an owner may revoke its own privileges): refused, nothing
+    changed."""
+    cfg = make_config(dbname)
+    migrate.apply(cfg)
+    acl = "SELECT relacl::text FROM pg_class WHERE oid = 'v1.couchdb'::regclass"
+    before = pg.execute(acl).fetchone()
+    with pytest.raises(ConfigError, match="is chtsync's own Postgres user or owns its tables"):
+        grant.grant_reader(cfg, PG_USER)
+    owner = f"owner_{dbname}"
+    pg.execute(f'CREATE ROLE "{owner}"')
+    try:
+        pg.execute(f'ALTER TABLE v1.chtsync_errors OWNER TO "{owner}"')
+        with pytest.raises(ConfigError, match=f"role {owner} is chtsync's own Postgres user or owns"):
+            grant.grant_reader(cfg, owner)
+    finally:
+        pg.execute(f'DROP OWNED BY "{owner}"')
+        pg.execute(f'DROP ROLE "{owner}"')
+    assert pg.execute(acl).fetchone() == before

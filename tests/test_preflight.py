@@ -127,6 +127,19 @@ CASES = [
          env={"POSTGRES_HOST": "admin:hostpw-4713@db.example"}),
     Case("postgres-unreachable", ["migrate"], "cannot connect to Postgres at 127.0.0.1:1",
          env={"POSTGRES_PORT": "1"}),
+    # A '/' in a password cut the URL's host part short: the password became a path and was shown.
+    Case("couchdb-url-slash-in-password", ["run"], "COUCHDB_URL: the user name or password holds",
+         env={"COUCHDB_URL": f"http://admin:12/{COUCH_SECRET}@127.0.0.1:5984"}),
+    Case("postgres-url-slash-in-password", ["migrate"], "POSTGRES_URL: the user name or password holds",
+         env={"POSTGRES_URL": f"postgresql://postgres:12/{PG_SECRET}@127.0.0.1/x"}),
+    Case("schema-pg-catalog", ["migrate"], "POSTGRES_SCHEMA: 'pg_catalog' is one of Postgres's own",
+         env={"POSTGRES_SCHEMA": "pg_catalog"}),
+    Case("password-file-empty", ["run"], "COUCHDB_PASSWORD_FILE:", env={"COUCHDB_PASSWORD_FILE": "{tmp}/pw"},
+         files={"pw": b"\n"}),
+    Case("config-nested-too-deeply", ["run"], "nested too deeply", env={"CHTSYNC_CONFIG": "{tmp}/c.yaml"},
+         files={"c.yaml": b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n"}),
+    Case("grant-reader-public", ["grant-reader", "public"], "role name 'public' is reserved"),
+    Case("grant-reader-pg-role", ["grant-reader", "pg_monitor"], "role name 'pg_monitor' is reserved"),
 ]
 
 
@@ -183,3 +196,30 @@ def test_refused_before_anything_is_written(case: Case, fresh_db: str, tmp_path:
 def roles() -> set[str]:
     with admin() as conn:
         return {r[0] for r in conn.execute("SELECT rolname FROM pg_roles")}
+
+
+def test_missing_privileges_on_chtsync_tables(fresh_db: str) -> None:
+    """A role that may use the schema but not chtsync's tables in it (another role migrated them,
+    or a grant was revoked): one line naming what Postgres refused, exit 2, no traceback."""
+    env = base_env(fresh_db)
+    subprocess.run([sys.executable, "-m", "chtsync", "migrate"], env=env, capture_output=True, check=True,
+                   timeout=120)
+    role = f"chtsync_limited_{os.getpid()}_{next(_serial)}"
+    with admin() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        with admin(fresh_db) as conn:
+            conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA v1 TO {}").format(sql.Identifier(role)))
+        for args in (["sync", "--once"], ["status"], ["models", "apply"]):
+            r = subprocess.run([sys.executable, "-m", "chtsync", *args], env=env | {"POSTGRES_USER": role},
+                               capture_output=True, text=True, timeout=120)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(lines) == 1, r.stderr
+            assert lines[0].startswith("chtsync: POSTGRES_USER: Postgres refused: permission denied for"), lines
+            assert "Traceback" not in r.stderr + r.stdout
+            assert not any(secret in r.stderr + r.stdout for secret in SECRETS)
+    finally:
+        with admin(fresh_db) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with admin() as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

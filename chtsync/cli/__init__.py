@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import psycopg
+
 from chtsync import __version__, logs
 from chtsync.config import Config, load
 from chtsync.errors import ChtsyncError
@@ -67,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChtsyncError as exc:
         print(f"chtsync: {exc}", file=sys.stderr)
         return exc.exit_code
+    except psycopg.errors.InsufficientPrivilege as exc:
+        # Whatever statement met it, a missing grant is the admin's to fix, in one line.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "permission denied"
+        print(f"chtsync: POSTGRES_USER: Postgres refused: {reason}: grant it to chtsync's role, or run"
+              " chtsync as the owner of its schema", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -26,6 +26,8 @@ def cmd_grant_reader(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if not IDENT.match(args.role):
         raise ConfigError(f"role name {args.role!r}: use letters, digits and underscores")
+    if args.role.lower() in ("public", "none") or args.role.lower().startswith("pg_"):
+        raise ConfigError(f"role name {args.role!r} is reserved by Postgres: choose another, e.g. superset_reader")
     password = None
     if args.password_env:
         password = os.environ.get(args.password_env)

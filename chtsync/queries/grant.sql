@@ -3,6 +3,14 @@
 -- name: role_exists
 SELECT 1 FROM pg_roles WHERE rolname = %s
 
+-- name: role_writes_chtsync
+-- The reader must not be chtsync's own user or an owner of its objects: the revokes below would
+-- take that role's access to its own tables (and Superset would get write access).
+SELECT %(role)s = current_user
+    OR EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s AND pg_get_userbyid(nspowner) = %(role)s)
+    OR EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = %(schema)s AND pg_get_userbyid(c.relowner) = %(role)s)
+
 -- name: create_role
 CREATE ROLE {role} NOLOGIN
 
