@@ -109,6 +109,9 @@ def test_unknown_explicit_dependency_and_disabled_model(models: ModelsFile) -> N
     ({"kind": "table", "indexes": [{"cols": ["x"]}]}, r"indexes\[0\]: unknown key 'cols'"),
     ({"kind": "view", "indexes": [{"columns": ["x"]}]}, "a view cannot have indexes"),
     ({"kind": "table", "interval": "often"}, "'interval' must be a positive number"),
+    ({"kind": "table", "interval": float("nan")}, "'interval' must be a positive number"),
+    ({"kind": "table", "interval": float("inf")}, "'interval' must be a positive number"),
+    ({"kind": "table", "name": "Bee"}, "model 'Bee': 'name' has capital letters.*use 'bee'"),
     ({"kind": "table", "depends_on": "a"}, "'depends_on' must be a list"),
     ({"kind": "table", "name": "chtsync_models"}, "reserved"),
 ])

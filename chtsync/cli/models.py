@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = msub.add_parser("fields", parents=[common],
                         help="list the paths seen in a form's reports, with JSON types and frequency")
     p.add_argument("form", help="the form's name (the reports' `form`)")
-    p.add_argument("--sample-rows", type=int, default=forms.SAMPLE_ROWS, metavar="N",
+    p.add_argument("--sample-rows", type=_at_least_one, default=forms.SAMPLE_ROWS, metavar="N",
                    help=f"read a sample when the raw table is larger than N rows (default {forms.SAMPLE_ROWS})")
     p.set_defaults(func=cmd_fields)
 
@@ -105,6 +105,16 @@ def _model(cfg: Config, name: str) -> graph.Model:
     if model is None:
         raise ConfigError(f"model '{name}' is not an enabled model of {cfg.models}")
     return model
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of rows, at least 1, got {text!r}")
+    return number
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

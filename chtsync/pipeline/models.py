@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,9 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
     if not isinstance(name, str) or not IDENT.match(name):
         raise _fail(f"models[{i}]", f"'name' must be a plain SQL name, got {name!r}")
     where = f"model '{name}'"
+    if name != name.lower():
+        # Postgres folds unquoted names: `SELECT * FROM Bee` reads bee, never the model.
+        raise _fail(where, f"'name' has capital letters, which SQL needs quoted everywhere: use {name.lower()!r}")
     unknown = set(raw) - MODEL_KEYS
     if unknown:
         raise _fail(where, f"unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(MODEL_KEYS))})")
@@ -159,7 +163,7 @@ def _model(base: Path, i: int, raw: Any) -> ModelSpec:
         raise _fail(where, "'indexes': a view cannot have indexes (use materialized_view)")
     interval = raw.get("interval")
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
-                                 or interval <= 0):
+                                 or not 0 < interval < math.inf):  # also NaN
         raise _fail(where, f"'interval' must be a positive number of seconds, got {interval!r}")
     enabled = raw.get("enabled", True)
     if not isinstance(enabled, bool):

@@ -69,3 +69,10 @@ def test_http_400_is_a_bad_since_on_changes_only() -> None:
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_a_negative_sample_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["models", "fields", "delivery", "--sample-rows", "-1"])
+    assert info.value.code == 2
+    assert "--sample-rows: expected a whole number of rows, at least 1, got '-1'" in capsys.readouterr().err
