@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from chtsync import cli, metrics, service, state
 from chtsync import pipeline as engine
 from chtsync.config import Config, ConfigError
+from chtsync.pipeline import graph
 from chtsync.pipeline.models import load_file
 from tests.pipeline_helpers import Docs, ModelsFile
 
@@ -285,3 +286,13 @@ def test_counting_tests_read_their_failing_rows_only(
         docs.put(r("bad3", "d"))
         engine.refresh_once(cfg, conn)
         assert results("r") == {"accepted_values_kind": ("warn", 1)}
+
+
+def test_a_relationship_to_a_missing_model(tmp_path: Path) -> None:
+    """Found with the rest of the file, before `models apply` writes anything."""
+    (tmp_path / "m.sql").write_text("SELECT 1 AS x")
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "m", "sql": "m.sql", "kind": "table", "tests": [
+        {"test": "relationships", "column": "x", "to": "nosuch", "field": "uuid"}]}]}))
+    with pytest.raises(ConfigError, match="model 'm' test 'relationships_x': 'to' names 'nosuch', which is neither"):
+        graph.build(load_file(path))

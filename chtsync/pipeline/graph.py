@@ -178,6 +178,9 @@ def _resolve(spec: ModelSpec, names: set[str], disabled: set[str], table: str, i
             raise _unknown(where, "'depends_on' names", dep, disabled)
         elif dep not in deps:
             deps.append(dep)
+    for test in spec.tests:
+        if test.kind == "relationships" and test.to not in names | {RAW, table}:
+            raise _unknown(f"{where} test '{test.name}'", "'to' names", test.to or "", disabled)
     text = RawStream()(select)
     by_group = of(spec.kind).by_group
     counts = _counts(select, spec.unique_key) if by_group else ()
