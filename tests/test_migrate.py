@@ -1,5 +1,7 @@
 """Migrations: tables created in the configured schema, idempotent, safe to run twice."""
 
+import time
+
 import psycopg
 
 from chtsync import migrate
@@ -30,3 +32,17 @@ def test_dry_run_changes_nothing(dbname: str, pg: psycopg.Connection) -> None:
     plan = migrate.plan(cfg)
     assert plan.applied == [] and plan.pending[0] == "0001.raw-tables"
     assert pg.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'not_yet'").fetchone() == (0,)
+
+
+def test_a_migrate_killed_midway_does_not_block_the_next(dbname: str, pg: psycopg.Connection) -> None:
+    """A process killed during its migrations (SIGKILL, OOM, SIGTERM) once left yoyo's lock row
+    behind, and every later start failed with a LockTimeout. The row of such a process is
+    ignored: the advisory lock that serialises migrations ended with its session."""
+    cfg = make_config(dbname, POSTGRES_SCHEMA="killed")
+    migrate._ensure_schema(cfg)
+    migrate._backend(cfg).connection.close()  # yoyo's own tables, as a started migrate has them
+    pg.execute("INSERT INTO killed.yoyo_lock (locked, ctime, pid) VALUES (1, now(), 999999)")
+    started = time.monotonic()
+    assert "0001.raw-tables" in migrate.apply(cfg)
+    assert time.monotonic() - started < 8  # yoyo's lock waited 10 s, then raised
+    assert migrate.plan(cfg).pending == []
