@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,14 +89,12 @@ async def _listen(cfg: Config, stop: asyncio.Event, wake: asyncio.Event) -> None
 
 async def prepare(cfg: Config, stop: asyncio.Event, *, models: bool = True) -> bool:
     """Apply pending migrations and the model plan (both locked), retrying while Postgres is down.
-    False when `stop` was set meanwhile (a SIGTERM while waiting for Postgres ends the process)."""
+    False when `stop` was set meanwhile: a SIGTERM while Postgres is down, or while another chtsync
+    holds the migration or pipeline lock, ends the process at once."""
     delay = 1.0
     while True:
         try:
-            await asyncio.to_thread(migrate.apply, cfg)
-            if models:
-                await asyncio.to_thread(_apply_models, cfg)
-            return True
+            return await _until_stop(stop, _prepare_now, cfg, models)
         except PostgresUnavailable as exc:
             # A server that is not up yet is waited for; a wrong password or database is not.
             if exc.permanent:
@@ -105,6 +105,50 @@ async def prepare(cfg: Config, stop: asyncio.Event, *, models: bool = True) -> b
             if stop.is_set():
                 return False
             delay = min(delay * 2, 30.0)
+
+
+def _prepare_now(cfg: Config, models: bool) -> None:
+    migrate.apply(cfg)
+    if models:
+        _apply_models(cfg)
+
+
+async def _until_stop(stop: asyncio.Event, fn: Callable[..., object], *args: object) -> bool:
+    """Run fn(*args) in a daemon thread: True once it returned (its exception raised here), False
+    when stop came first. A stop abandons it: it may be waiting for a lock another chtsync holds,
+    or on a Postgres that stopped answering. The process then exits without waiting for it, and
+    Postgres rolls back its transaction when the connection drops."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def run() -> None:
+        exc: BaseException | None = None
+        try:
+            fn(*args)
+        except BaseException as error:  # handed to the loop, raised by the caller
+            exc = error
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
+            loop.call_soon_threadsafe(settle, exc)
+
+    threading.Thread(target=run, name="prepare", daemon=True).start()
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not done.done():
+        done.cancel()
+        return False
+    done.result()
+    return True
 
 
 def _apply_models(cfg: Config) -> None:
@@ -130,7 +174,7 @@ async def serve(cfg: Config, stop: asyncio.Event, once: bool = False,
         if not prepared and server is not None:
             server.shutdown()
     if not prepared:
-        log.info("stopped before Postgres could be reached")
+        log.info("stopped before the migrations and the model plan were applied")
         return 0
     runtime.postgres_ok = runtime.prepared = True
     wake = asyncio.Event()
@@ -190,8 +234,10 @@ def install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
 
     def handler(signame: str) -> None:
         if stop.is_set():
+            # At once, whatever a thread is waiting for: Postgres rolls back what was in flight.
             log.warning("second %s: exiting now", signame)
-            raise SystemExit(1)
+            logging.shutdown()
+            os._exit(1)
         log.info("%s received: stopping", signame)
         stop.set()
 

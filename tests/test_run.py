@@ -15,7 +15,7 @@ import time
 import httpx
 import psycopg
 
-from chtsync import state
+from chtsync import db, state
 from tests.conftest import PG_HOST, PG_PORT, make_config
 from tests.servers import CouchAdmin, TcpProxy, free_port
 from tests.syncutil import assert_equal, wait_until
@@ -224,3 +224,43 @@ def test_healthz_waits_for_postgres_migrations_and_models(couch: CouchAdmin, cou
             if p.poll() is None:
                 p.kill()
         proxy.close()
+
+
+def test_a_stop_while_another_chtsync_holds_the_migration_lock(couch: CouchAdmin, couch_server, dbname: str,
+                                                               pg: psycopg.Connection, tmp_path) -> None:
+    """Another replica migrating or rebuilding holds the lock `run` and `sync` wait for at start:
+    a SIGTERM then ends them at once (the wait is abandoned), not when the lock comes free."""
+    couch.create_db("medic")
+    env = dict(os.environ, COUCHDB_URL=couch_server.url, COUCHDB_USER=couch_server.auth[0],
+               COUCHDB_PASSWORD=couch_server.auth[1], COUCHDB_DBS="medic", POSTGRES_HOST=PG_HOST,
+               POSTGRES_PORT=str(PG_PORT), POSTGRES_USER="postgres", POSTGRES_DB=dbname,
+               CHTSYNC_CONFIG=os.devnull, LOG_LEVEL="INFO")
+    key = (db.LOCK_CLASS, db.lock_key(make_config(dbname, couch_server.url), "migrate"))
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user="postgres", dbname=dbname, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", key)
+
+        def waiting() -> int:
+            return pg.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                              ).fetchone()[0]
+
+        for command in ("run", "sync"):
+            before = waiting()
+            log_path = tmp_path / f"{command}.log"
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "chtsync", command], env=env, stdout=log, stderr=log)
+            try:
+                # waiting on the lock: its session shows in pg_stat_activity
+                wait_until(lambda: waiting() == before + 1, timeout=30,  # noqa: B023
+                           what=f"{command} waiting for the migration lock")
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(10) == 0, log_path.read_text()
+                assert time.monotonic() - started < 5
+                assert "Traceback" not in log_path.read_text()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        # An abandoned wait ends when the lock comes free: its session finds its client gone.
+        holder.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+    wait_until(lambda: pg.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0] == 0,
+               timeout=10, what="no session left holding or waiting for the lock")

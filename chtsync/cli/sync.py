@@ -55,7 +55,7 @@ async def _sync(args: argparse.Namespace) -> list[SourceStats]:
     remove = service.install_signal_handlers(stop)
     try:
         if not await service.prepare(cfg, stop, models=False):
-            return []  # stopped while waiting for Postgres: nothing was followed
+            return []  # stopped before the migrations were applied: nothing was followed
         return await service.follow_all(cfg, stop, once=args.once)
     finally:
         remove()
