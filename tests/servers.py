@@ -218,6 +218,7 @@ class TcpProxy:
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         self.refusing = False
+        self.frozen = threading.Event()  # set: bytes are held, connections stay open (a hung host)
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -241,10 +242,11 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                while self.frozen.is_set() and not self.closed:
+                    time.sleep(0.05)
                 dst.sendall(data)
         except OSError:
             pass

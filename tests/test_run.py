@@ -264,3 +264,42 @@ def test_a_stop_while_another_chtsync_holds_the_migration_lock(couch: CouchAdmin
         holder.execute("SELECT pg_advisory_unlock(%s, %s)", key)
     wait_until(lambda: pg.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0] == 0,
                timeout=10, what="no session left holding or waiting for the lock")
+
+
+def test_a_second_stop_ends_run_while_postgres_hangs(couch: CouchAdmin, couch_server, dbname: str,
+                                                    pg: psycopg.Connection, tmp_path) -> None:
+    """Postgres stops answering but keeps its connections open (a hung host): the first SIGTERM
+    cannot finish the page in flight; the second ends the process at once, and nothing is lost
+    (the next run writes the page again)."""
+    couch.create_db("medic")
+    couch.bulk("medic", [report(i) for i in range(20)])
+    proxy = TcpProxy(PG_HOST, PG_PORT)
+    env = dict(os.environ, COUCHDB_URL=couch_server.url, COUCHDB_USER=couch_server.auth[0],
+               COUCHDB_PASSWORD=couch_server.auth[1], COUCHDB_DBS="medic", POSTGRES_HOST="127.0.0.1",
+               POSTGRES_PORT=str(proxy.port), POSTGRES_USER="postgres", POSTGRES_DB=dbname,
+               CHTSYNC_CONFIG=os.devnull, LOG_LEVEL="INFO")
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "chtsync", "run"], env=env, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: pg.execute("SELECT count(*) FROM couchdb").fetchone()[0] == 20, timeout=60,
+                   what="the first documents")
+        wait_until(lambda: "refresh round" in log_path.read_text(), timeout=60, what="a refresh round")
+        proxy.frozen.set()
+        couch.bulk("medic", [report(i) for i in range(20, 40)])  # a page that cannot be written now
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 1, log_path.read_text()
+        assert time.monotonic() - started < 3
+        assert "second SIGTERM: exiting now" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    r = subprocess.run([sys.executable, "-m", "chtsync", "sync", "--once"], env=dict(env, POSTGRES_PORT=str(PG_PORT)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert_equal(pg, couch, "medic", "127.0.0.1/medic")

@@ -733,8 +733,9 @@ async def _refresh_until_stop(cfg: Config, conn: psycopg.Connection, stop: async
     await _wait_any(None, stop, _done_event(task))
     if not task.done():
         done, _ = await asyncio.wait([task], timeout=STOP_GRACE)
-        if not done:
-            conn.cancel_safe()
+        if not done:  # off the loop, and bounded: a Postgres that stopped answering must not stall it
+            with contextlib.suppress(psycopg.Error):
+                await asyncio.to_thread(conn.cancel_safe, timeout=STOP_GRACE)
     with contextlib.suppress(psycopg.errors.QueryCanceled):
         await task
 
