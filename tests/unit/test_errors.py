@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+import types
 
 import httpx
 import pytest
 
+from chtsync import __main__ as entry
 from chtsync import cli, errors
 from chtsync.cli import sync as commands
 from chtsync.config import load
@@ -76,3 +79,15 @@ def test_a_negative_sample_is_refused_by_the_parser(capsys: pytest.CaptureFixtur
         cli.main(["models", "fields", "delivery", "--sample-rows", "-1"])
     assert info.value.code == 2
     assert "--sample-rows: expected a whole number of rows, at least 1, got '-1'" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_command_line_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The imports take about a second: a Ctrl-C then ends with 130, not a traceback."""
+    loading = types.ModuleType("chtsync.cli")
+
+    def interrupted(name: str) -> object:
+        raise KeyboardInterrupt
+
+    loading.__getattr__ = interrupted  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "chtsync.cli", loading)
+    assert entry.run() == 130
