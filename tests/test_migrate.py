@@ -1,7 +1,5 @@
 """Migrations: tables created in the configured schema, idempotent, safe to run twice."""
 
-import time
-
 import psycopg
 
 from chtsync import migrate
@@ -42,7 +40,5 @@ def test_a_migrate_killed_midway_does_not_block_the_next(dbname: str, pg: psycop
     migrate._ensure_schema(cfg)
     migrate._backend(cfg).connection.close()  # yoyo's own tables, as a started migrate has them
     pg.execute("INSERT INTO killed.yoyo_lock (locked, ctime, pid) VALUES (1, now(), 999999)")
-    started = time.monotonic()
-    assert "0001.raw-tables" in migrate.apply(cfg)
-    assert time.monotonic() - started < 8  # yoyo's lock waited 10 s, then raised
+    assert "0001.raw-tables" in migrate.apply(cfg)  # before the fix: LockTimeout after 10 s
     assert migrate.plan(cfg).pending == []

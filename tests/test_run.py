@@ -207,10 +207,8 @@ def test_healthz_waits_for_postgres_migrations_and_models(couch: CouchAdmin, cou
                                          env=dict(env, METRICS_PORT=""))
             procs.append(other)
             wait_until(lambda path=other_log: "retrying in" in path.read_text(), timeout=30, what=f"{command} waiting")
-            started = time.monotonic()
             other.send_signal(signal.SIGTERM)
-            assert other.wait(10) == 0, other_log.read_text()
-            assert time.monotonic() - started < 5
+            assert other.wait(10) == 0, other_log.read_text()  # before the fix: waited for Postgres
         proxy.refusing = False
         wait_until(lambda: (r := healthz()) is not None and r.status_code == 200, timeout=60, what="healthy")
         # Healthy implies the models are there (created empty or built: either way they exist).
@@ -252,10 +250,8 @@ def test_a_stop_while_another_chtsync_holds_the_migration_lock(couch: CouchAdmin
                 # waiting on the lock: its session shows in pg_stat_activity
                 wait_until(lambda: waiting() == before + 1, timeout=30,  # noqa: B023
                            what=f"{command} waiting for the migration lock")
-                started = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
-                assert proc.wait(10) == 0, log_path.read_text()
-                assert time.monotonic() - started < 5
+                assert proc.wait(10) == 0, log_path.read_text()  # before the fix: until the lock was free
                 assert "Traceback" not in log_path.read_text()
             finally:
                 if proc.poll() is None:
@@ -290,10 +286,8 @@ def test_a_second_stop_ends_run_while_postgres_hangs(couch: CouchAdmin, couch_se
         time.sleep(2)
         proc.send_signal(signal.SIGTERM)
         time.sleep(1)
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 1, log_path.read_text()
-        assert time.monotonic() - started < 3
+        assert proc.wait(10) == 1, log_path.read_text()  # before the fix: hung with Postgres
         assert "second SIGTERM: exiting now" in log_path.read_text()
     finally:
         if proc.poll() is None:

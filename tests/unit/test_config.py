@@ -161,3 +161,15 @@ def test_yaml_mistakes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
         load(typo, env={})
     assert "unknown key 'couchdb.pasword' ignored (did you mean 'password'?)" in caplog.text
     assert "unknown key 'sync.batch_sise' ignored (did you mean 'batch_size'?)" in caplog.text
+
+
+def test_connections_notice_a_vanished_postgres() -> None:
+    """libpq keepalives by default (Linux's own start after two hours); the URL's own win."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from chtsync import db
+
+    info = conninfo_to_dict(db.conninfo(load(env={"COUCHDB_HOST": "h"}, search=False)))
+    assert (info["keepalives_idle"], info["keepalives_interval"], info["keepalives_count"]) == ("30", "10", "3")
+    cfg = load(env={"COUCHDB_HOST": "h", "POSTGRES_URL": "postgresql://db/cht?keepalives_idle=300"}, search=False)
+    assert conninfo_to_dict(db.conninfo(cfg))["keepalives_idle"] == "300"
